@@ -1,0 +1,135 @@
+"""Attention over the paged KV cache, plugged into transformers' own model code.
+
+The engine registers `paged_attention` under ATTENTION_NAME with transformers'
+AttentionInterface and sets it on the model. No mask function is registered under that
+name, so transformers builds no mask; each call gets this step's `AttentionMetadata` as the
+keyword argument `loraplex_attn`, passed to `model(...)` by the runner.
+
+The step's tokens are one packed row ([1, T]) of many sequences:
+- prefill spans (a whole prompt, or a chunk of one): causal attention per span; a first
+  chunk attends to its own keys, a later chunk to the cached keys before it too;
+- decode tokens (one per sequence): batched into one SDPA call against each sequence's
+  blocks, gathered by block table and masked by context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.engine.kv_cache import KVCache
+
+ATTENTION_NAME = "loraplex_paged"
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    start: int  # first token of the span in the packed batch
+    length: int  # query tokens
+    context_len: int  # keys visible to the last query token (cached + this span)
+    block_table: torch.Tensor | None  # [n_blocks]; None when the span is the whole context
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    kv_cache: KVCache
+    slot_mapping: torch.Tensor  # [T] flat cache row of each new token
+    prefills: list[PrefillSpan]
+    decode_index: torch.Tensor | None  # [B] token positions of the decodes in the packed batch
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks]
+    decode_context_lens: torch.Tensor | None  # [B]
+    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, 1, L] True where a decode token may attend; built once per step and window."""
+        mask = self._decode_masks.get(sliding_window)
+        if mask is None:
+            assert self.decode_block_tables is not None and self.decode_context_lens is not None
+            length = self.decode_block_tables.shape[1] * self.kv_cache.block_size
+            pos = torch.arange(length, device=self.decode_context_lens.device)
+            ctx = self.decode_context_lens[:, None]
+            mask = pos[None, :] < ctx
+            if sliding_window is not None:
+                mask &= pos[None, :] >= ctx - sliding_window
+            mask = mask[:, None, None, :]
+            self._decode_masks[sliding_window] = mask
+        return mask
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache [N, bs, n_kv, d] rows of the given blocks -> [..., n_kv, n_blocks*bs, d]."""
+    blocks = cache[block_table]  # [..., n_blocks, bs, n_kv, d]
+    shape = blocks.shape
+    return blocks.reshape(*shape[:-4], shape[-4] * shape[-3], shape[-2], shape[-1]).transpose(-3, -2)
+
+
+def _prefill_mask(q_len: int, ctx_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)[:, None]
+    k_pos = torch.arange(ctx_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query: [1, H, T, d]; key/value: [1, n_kv, T, d] (already written to the cache).
+
+    Returns [1, T, H, d], the layout transformers' attention modules expect.
+    """
+    meta: AttentionMetadata | None = kwargs.get("loraplex_attn")
+    if meta is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs the engine's step metadata")
+    layer = module.layer_idx  # type: ignore[attr-defined]
+    k_cache, v_cache = meta.kv_cache.key[layer], meta.kv_cache.value[layer]
+    num_heads, num_tokens = query.shape[1], query.shape[2]
+    gqa = num_heads != key.shape[1]
+    out = query.new_empty(num_tokens, num_heads, query.shape[-1])  # [T, H, d]
+
+    for span in meta.prefills:
+        s, e = span.start, span.start + span.length
+        q = query[:, :, s:e]
+        if span.block_table is None:  # the whole context is this span: causal over itself
+            if sliding_window is None or span.length <= sliding_window:
+                o = F.scaled_dot_product_attention(q, key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=gqa)
+            else:
+                mask = _prefill_mask(span.length, span.length, sliding_window, query.device)
+                o = F.scaled_dot_product_attention(q, key[:, :, s:e], value[:, :, s:e], attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        else:
+            k = _gather(k_cache, span.block_table)[None, :, : span.context_len]  # [1, n_kv, ctx, d]
+            v = _gather(v_cache, span.block_table)[None, :, : span.context_len]
+            mask = _prefill_mask(span.length, span.context_len, sliding_window, query.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        out[s:e] = o[0].transpose(0, 1)
+
+    if meta.decode_index is not None:
+        assert meta.decode_block_tables is not None
+        q = query[0].index_select(1, meta.decode_index).transpose(0, 1)[:, :, None]  # [B, H, 1, d]
+        k = _gather(k_cache, meta.decode_block_tables)  # [B, n_kv, L, d]
+        v = _gather(v_cache, meta.decode_block_tables)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=meta.decode_mask(sliding_window), scale=scaling, enable_gqa=gqa
+        )  # [B, H, 1, d]
+        out.index_copy_(0, meta.decode_index, o[:, :, 0])
+
+    return out[None], None
+
+
+def register() -> None:
+    """Make ATTENTION_NAME known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)

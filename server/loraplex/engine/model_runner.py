@@ -1,0 +1,126 @@
+"""The model runner: packs one step's tokens into a flat batch and runs the model once.
+
+    scheduled (request, n tokens) ──sort by adapter slot──> input_ids [1, T], position_ids [1, T]
+                                                           slot_mapping [T]     (KV rows)
+                                                           prefill spans, decode block tables
+                                                           LoRA segments        (one per slot)
+    model(...) ──> logits of the last token of every request that finished its prompt / decoded
+
+Requests are ordered by adapter slot so each adapter's tokens form one contiguous segment
+for the grouped LoRA op; the order inside a step changes no result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.engine.attention import AttentionMetadata, PrefillSpan
+from loraplex.engine.kv_cache import KVCache
+from loraplex.engine.request import Request
+from loraplex.engine.scheduler import ScheduledBatch
+from loraplex.lora.lora_layer import LoraModel
+from loraplex.lora.lora_ops import EMPTY_BATCH, build_lora_batch
+from loraplex.model.loader import LoadedModel
+
+
+@dataclass(slots=True)
+class StepResult:
+    logits: torch.Tensor  # [S, vocab] for the requests that sample
+    sampling: list[Request]  # in the order of the logits rows
+    num_tokens: int
+    num_adapters: int
+
+
+def _slot(request: Request) -> int:
+    adapter = request.adapter
+    return -1 if adapter is None else adapter.slot
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, lora: LoraModel, kv_cache: KVCache, use_triton: bool = False) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.lora = lora
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.use_triton = use_triton
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        order = sorted(range(len(batch)), key=lambda i: _slot(batch.requests[i]))
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        prefills: list[PrefillSpan] = []
+        decode_index: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        token_runs: list[tuple[int, int]] = []
+        logits_index: list[int] = []
+        sampling: list[Request] = []
+
+        for i in order:
+            request, n = batch.requests[i], batch.num_new_tokens[i]
+            start, computed = len(input_ids), request.num_computed_tokens
+            table = request.block_table
+            all_ids = request.all_token_ids
+            input_ids.extend(all_ids[computed : computed + n])
+            positions.extend(range(computed, computed + n))
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(computed, computed + n))
+            if n == 1:
+                decode_index.append(start)
+                decode_tables.append(table)
+                decode_lens.append(computed + 1)
+            else:
+                span_table = None if computed == 0 else torch.tensor(table, dtype=torch.long, device=self.device)
+                prefills.append(PrefillSpan(start, n, computed + n, span_table))
+            token_runs.append((_slot(request), n))
+            if computed + n == request.num_tokens:
+                logits_index.append(start + n - 1)
+                sampling.append(request)
+
+        dev = self.device
+        meta = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
+            prefills=prefills,
+            decode_index=None,
+            decode_block_tables=None,
+            decode_context_lens=None,
+        )
+        if decode_index:
+            width = max(len(t) for t in decode_tables)
+            meta.decode_index = torch.tensor(decode_index, dtype=torch.long, device=dev)
+            meta.decode_block_tables = torch.tensor(
+                [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev
+            )
+            meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+
+        num_tokens = len(input_ids)
+        lora_batch = build_lora_batch(
+            token_runs, self.lora.slot_ranks, self.lora.max_rank, num_tokens, self.dtype, dev, self.use_triton
+        )
+        self.lora.state.batch = lora_batch
+        self.kv_cache.meta = meta
+        try:
+            out = self.model(
+                input_ids=torch.tensor([input_ids], dtype=torch.long, device=dev),
+                position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
+                past_key_values=self.kv_cache,
+                use_cache=True,
+                logits_to_keep=torch.tensor(logits_index, dtype=torch.long, device=dev),
+                loraplex_attn=meta,
+            )
+        finally:
+            self.lora.state.batch = EMPTY_BATCH
+            self.kv_cache.meta = None
+        return StepResult(
+            logits=out.logits[0],
+            sampling=sampling,
+            num_tokens=num_tokens,
+            num_adapters=len({s.slot for s in lora_batch.segments}),
+        )

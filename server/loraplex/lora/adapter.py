@@ -1,0 +1,311 @@
+"""Reading and validating PEFT LoRA directories.
+
+A directory holds `adapter_config.json` and `adapter_model.safetensors` (never a pickle).
+Anything that would make the served output differ from PEFT's is refused with the reason,
+so an adapter is either applied exactly or not at all:
+
+    DoRA, LoRA bias, modules_to_save, bias != "none", embedding / lm_head targets,
+    target_parameters, trainable tokens, aLoRA, QA-LoRA, layer replication, fan_in_fan_out,
+    rank above max_lora_rank, targets the base lacks, tensors whose shapes do not fit.
+
+rsLoRA, rank_pattern and alpha_pattern are honoured with PEFT's exact scale
+(alpha / r, or alpha / sqrt(r) with rsLoRA; patterns matched as PEFT's get_pattern_key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+MAX_CONFIG_BYTES = 1 << 20
+
+# Config fields that change the forward pass in ways a plain grouped LoRA cannot reproduce,
+# with the value that means "off".
+_UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
+    "use_dora": (False, "DoRA (use_dora) is not supported"),
+    "lora_bias": (False, "LoRA bias (lora_bias) is not supported"),
+    "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layers) is not supported"),
+    "target_parameters": (None, "target_parameters (LoRA on parameters) is not supported"),
+    "trainable_token_indices": (None, "trainable_token_indices is not supported"),
+    "alora_invocation_tokens": (None, "activated LoRA (alora_invocation_tokens) is not supported"),
+    "use_qalora": (False, "QA-LoRA (use_qalora) is not supported"),
+    "layer_replication": (None, "layer_replication is not supported"),
+    "use_bdlora": (False, "block-diagonal LoRA (use_bdlora) is not supported"),
+    "arrow_config": (None, "Arrow routing (arrow_config) is not supported"),
+}
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be served; the message names the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class BaseLayerInfo:
+    """A wrapped linear layer of the base model: its name and shape."""
+
+    name: str  # e.g. "model.layers.0.self_attn.q_proj"
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    """What the config says, checked; no tensors yet (the registered tier)."""
+
+    path: Path
+    rank: int  # the largest rank over all modules
+    alpha: float
+    use_rslora: bool
+    rank_pattern: Mapping[str, int]
+    alpha_pattern: Mapping[str, float]
+    target_modules: tuple[str, ...] | str
+    content_hash: str
+    module_ranks: Mapping[str, int]  # module name -> rank, for every targeted module
+    raw: Mapping[str, Any]
+
+    def host_bytes(self, layers: Mapping[str, BaseLayerInfo], itemsize: int) -> int:
+        """Bytes the validated tensors take in the host tier at the compute dtype."""
+        return sum(r * (layers[m].in_features + layers[m].out_features) * itemsize for m, r in self.module_ranks.items())
+
+    def scale_for(self, module_name: str, rank: int) -> float:
+        """PEFT's scaling for one module (LoraLayer.update_layer)."""
+        alpha_key = _pattern_key(self.alpha_pattern, module_name)
+        alpha = float(self.alpha_pattern.get(alpha_key, self.alpha))
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+@dataclass(frozen=True, slots=True)
+class LoraModuleWeights:
+    a: torch.Tensor  # [r, d_in]
+    b: torch.Tensor  # [r, d_out]: B transposed, PEFT's scale folded in
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterWeights:
+    """Validated tensors of one adapter (the host tier)."""
+
+    modules: dict[str, LoraModuleWeights]
+    rank: int
+    nbytes: int
+
+
+def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
+    # Same rule as peft.utils.other.get_pattern_key.
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return key
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{path}: missing {CONFIG_FILE}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{path}: {CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: {CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: {CONFIG_FILE} must hold a JSON object")
+    return config
+
+
+def _hash_files(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) -> AdapterSpec:
+    """Check an adapter directory against the base: config and tensor shapes (no tensor data is read)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not a directory")
+    config = _read_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = [p for p in PICKLE_FILES if (path / p).exists()]
+        if pickles:
+            raise AdapterError(
+                f"{path}: only {WEIGHTS_FILE} is read, never pickle files ({', '.join(pickles)}); "
+                "re-save the adapter with safe_serialization=True"
+            )
+        raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
+
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{path}: peft_type {peft_type} is not LoRA")
+    for key, (off, message) in _UNSUPPORTED_FIELDS.items():
+        value = config.get(key, off)
+        if value not in (off, None, False, [], {}):
+            raise AdapterError(f"{path}: {message}")
+    if config.get("modules_to_save"):
+        raise AdapterError(
+            f"{path}: modules_to_save ({config['modules_to_save']}) is not supported: "
+            "it replaces whole base modules per adapter"
+        )
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise AdapterError(f"{path}: bias={bias!r} is not supported (only 'none')")
+
+    try:
+        rank = int(config.get("r", 8))
+        alpha = float(config.get("lora_alpha", 8))
+        rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
+        alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{path}: bad r / lora_alpha / rank_pattern / alpha_pattern: {e}") from None
+    if min([rank, *rank_pattern.values()]) < 1:
+        raise AdapterError(f"{path}: rank must be >= 1")
+
+    targets = config.get("target_modules") or ()
+    target_modules: tuple[str, ...] | str = targets if isinstance(targets, str) else tuple(targets)
+    for name in (target_modules,) if isinstance(target_modules, str) else target_modules:
+        if name in ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings"):
+            raise AdapterError(f"{path}: target module {name!r} (embedding / lm_head) is not supported")
+
+    header = _read_header(weights)
+    _check_target_names(path, target_modules, layers)
+    module_ranks = _check_tensors(path, header, config, rank_pattern, layers)
+    if max(module_ranks.values()) > max_rank:
+        raise AdapterError(f"{path}: rank {max(module_ranks.values())} is above max_lora_rank {max_rank}")
+    return AdapterSpec(
+        path=path,
+        rank=max(module_ranks.values()),
+        alpha=alpha,
+        use_rslora=bool(config.get("use_rslora", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        target_modules=target_modules,
+        content_hash=_hash_files(path / CONFIG_FILE, weights),
+        module_ranks=module_ranks,
+        raw=config,
+    )
+
+
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The safetensors header: tensor names, dtypes and shapes, without reading the data."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= 100 << 20:
+                raise AdapterError(f"{path}: not a safetensors file (header size {size})")
+            header = json.loads(fh.read(size))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: cannot read the safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path}: malformed safetensors header")
+    header.pop("__metadata__", None)
+    return header
+
+
+def _check_tensors(
+    path: Path, header: Mapping[str, Any], config: Mapping[str, Any], rank_pattern: Mapping[str, int],
+    layers: Mapping[str, BaseLayerInfo],
+) -> dict[str, int]:
+    """Check every tensor against the base's layers; return module name -> rank."""
+    pairs: dict[str, dict[str, tuple[str, list[int]]]] = {}
+    for key, info in header.items():
+        if "lora_magnitude_vector" in key:
+            raise AdapterError(f"{path}: DoRA weights ({key}) are not supported")
+        if "lora_embedding_" in key:
+            raise AdapterError(f"{path}: embedding LoRA ({key}) is not supported")
+        match = _KEY_RE.match(key)
+        if match is None:
+            raise AdapterError(f"{path}: unexpected tensor {key!r} (only lora_A / lora_B weights are served)")
+        module, kind = match["module"], match["kind"]
+        if module.split(".")[-1] in ("lm_head", "embed_tokens"):
+            raise AdapterError(f"{path}: target {module!r} (embedding / lm_head) is not supported")
+        if not isinstance(info, dict) or info.get("dtype") not in _FLOAT_DTYPES:
+            raise AdapterError(f"{path}: {key}: LoRA weights must be F32, F16 or BF16")
+        pairs.setdefault(module, {})[kind] = (info["dtype"], list(info.get("shape", [])))
+    if not pairs:
+        raise AdapterError(f"{path}: {WEIGHTS_FILE} holds no LoRA weights")
+
+    ranks: dict[str, int] = {}
+    default_r = int(config.get("r", 8))
+    for module, pair in sorted(pairs.items()):
+        layer = layers.get(module)
+        if layer is None:
+            raise AdapterError(f"{path}: targets {module!r}, which the base model does not have as a linear layer")
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterError(f"{path}: {module} has {sorted(pair)} but needs both lora_A and lora_B")
+        a, b = pair["lora_A"][1], pair["lora_B"][1]
+        r = rank_pattern.get(_pattern_key(rank_pattern, module), default_r)
+        if a != [r, layer.in_features] or b != [layer.out_features, r]:
+            raise AdapterError(
+                f"{path}: {module}: shapes lora_A {a}, lora_B {b} do not fit the base layer "
+                f"[out={layer.out_features}, in={layer.in_features}] at rank {r}"
+            )
+        ranks[module] = r
+    return ranks
+
+
+def load_weights(spec: AdapterSpec, dtype: torch.dtype, pin_memory: bool = False) -> AdapterWeights:
+    """Read the tensors of a checked adapter, fold PEFT's scale into B and cast once."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = spec.path
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise AdapterError(f"{path}: cannot read {WEIGHTS_FILE}: {e}") from None
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY_RE.match(key)
+        if match is not None:
+            by_module.setdefault(match["module"], {})[match["kind"]] = tensor
+
+    modules: dict[str, LoraModuleWeights] = {}
+    nbytes = 0
+    for module, rank in spec.module_ranks.items():
+        pair = by_module.get(module, {})
+        a, b = pair.get("lora_A"), pair.get("lora_B")
+        if a is None or b is None or a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(f"{path}: {module}: tensors changed on disk since the adapter was registered")
+        scale = spec.scale_for(module, rank)
+        # Fold the scale into B in fp32, then cast once: x @ Aᵀ @ (s·B)ᵀ == s·(x @ Aᵀ @ Bᵀ).
+        b_t = (b.to(torch.float32) * scale).t().to(dtype).contiguous()
+        a_c = a.to(dtype).contiguous()
+        if not (torch.isfinite(a_c).all() and torch.isfinite(b_t).all()):
+            raise AdapterError(f"{path}: {module}: LoRA weights contain NaN or Inf")
+        if pin_memory:
+            a_c, b_t = a_c.pin_memory(), b_t.pin_memory()
+        modules[module] = LoraModuleWeights(a=a_c, b=b_t)
+        nbytes += a_c.nbytes + b_t.nbytes
+    return AdapterWeights(modules=modules, rank=spec.rank, nbytes=nbytes)
+
+
+def _check_target_names(path: Path, targets: tuple[str, ...] | str, layers: Mapping[str, BaseLayerInfo]) -> None:
+    """Every named target must exist in the base (PEFT matches on the last name parts)."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return
+        if not any(re.fullmatch(targets, name) for name in layers):
+            raise AdapterError(f"{path}: target_modules pattern {targets!r} matches no linear layer of the base")
+        return
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in layers):
+            raise AdapterError(f"{path}: target module {target!r} is not a linear layer of the base model")

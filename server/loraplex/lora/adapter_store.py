@@ -1,0 +1,559 @@
+"""The adapter store: three LRU tiers, reference counts, versions and a background loader.
+
+    registered ──(worker thread: read + validate safetensors)──> host ──(one copy per layer)──> device
+    id -> path, spec, hash          tensors, bounded in bytes          slots of the pool
+
+- A request holds its adapter *version* from admission to finish (`hold` / `unhold`), and
+  the version's device slot while it runs (`try_acquire` / `release`, called by the
+  scheduler). A version with slot references is never evicted from the device; one that a
+  waiting request needs is only evicted from the host once it is on the device.
+- Re-registering an id with new content makes a new version: requests already holding the
+  old one finish on it; new requests resolve to the new one. Retired versions leave every
+  tier when their last request ends.
+- `pin` keeps an adapter resident in the host and device tiers.
+- Disk reads happen only on the loader thread, oldest need first, within the host budget.
+
+No torch here: reading tensors and writing slots are injected (`load_fn`, `slots`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loraplex.config import ADAPTER_ID_RE
+from loraplex.engine.scheduler import SlotState
+from loraplex.lora.adapter import AdapterError, AdapterSpec, AdapterWeights, BaseLayerInfo, read_spec
+
+log = logging.getLogger(__name__)
+
+
+class AdapterNotFoundError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "adapter not found"
+
+
+class AdapterInUseError(RuntimeError):
+    pass
+
+
+class Tier(enum.Enum):
+    REGISTERED = "registered"
+    HOST = "host"
+    DEVICE = "device"
+
+
+class SlotWriter(Protocol):
+    """The device side (lora_layer.LoraModel)."""
+
+    max_loras: int
+
+    def write_slot(self, slot: int, weights: AdapterWeights) -> None: ...
+
+    def clear_slot(self, slot: int) -> None: ...
+
+
+class StoreListener(Protocol):
+    """Hooks for metrics; every method is optional to act on."""
+
+    def on_event(self, tier: Tier, event: str) -> None: ...
+
+    def on_load(self, tier: Tier, seconds: float) -> None: ...
+
+
+@dataclass
+class AdapterStats:
+    host_hits: int = 0
+    host_misses: int = 0
+    device_hits: int = 0
+    device_misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    requests: int = 0
+    last_used: float = 0.0  # wall clock
+    last_load_s: float = 0.0
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    adapter_id: str
+    version: int
+    spec: AdapterSpec
+    host_bytes: int
+    weights: AdapterWeights | None = None
+    slot: int | None = None
+    loading: bool = False
+    queued: bool = False
+    error: str | None = None
+    requests: int = 0  # unfinished requests holding this version
+    slot_refs: int = 0  # running requests using its slot
+    retired: bool = False
+    pinned: bool = False
+    stats: AdapterStats = field(default_factory=AdapterStats)
+
+    @property
+    def key(self) -> str:
+        return f"{self.adapter_id}@{self.version}"
+
+    @property
+    def tier(self) -> Tier:
+        if self.slot is not None:
+            return Tier.DEVICE
+        return Tier.HOST if self.weights is not None else Tier.REGISTERED
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """A snapshot for list / get calls and metrics."""
+
+    adapter_id: str
+    version: int
+    path: str
+    tier: str
+    rank: int
+    target_modules: tuple[str, ...]
+    host_bytes: int
+    pinned: bool
+    loading: bool
+    error: str | None
+    active_requests: int
+    content_hash: str
+    stats: AdapterStats
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    host_bytes: int
+    host_budget: int
+    host_resident: int
+    device_resident: int
+    device_slots: int
+    registered: int
+    counters: Mapping[tuple[str, str], int]
+
+
+class AdapterStore:
+    def __init__(
+        self,
+        layers: Mapping[str, BaseLayerInfo],
+        slots: SlotWriter,
+        load_fn: Callable[[AdapterSpec], AdapterWeights],
+        *,
+        max_rank: int,
+        host_budget: int,
+        itemsize: int,
+        adapter_roots: tuple[str, ...] = (),
+        auto_register: bool = True,
+        listener: StoreListener | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.layers = layers
+        self.slots = slots
+        self.load_fn = load_fn
+        self.max_rank = max_rank
+        self.host_budget = host_budget
+        self.itemsize = itemsize
+        self.roots = tuple(Path(r).resolve() for r in adapter_roots)
+        self.auto_register = auto_register
+        self.listener = listener
+        self.on_ready = on_ready or (lambda: None)
+
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._current: dict[str, AdapterVersion] = {}  # id -> newest version
+        self._versions: dict[str, AdapterVersion] = {}  # key -> every live version
+        self._host: OrderedDict[str, AdapterVersion] = OrderedDict()  # LRU, oldest first
+        self._device: list[AdapterVersion | None] = [None] * slots.max_loras
+        self._device_lru: OrderedDict[int, None] = OrderedDict()
+        self._host_bytes = 0
+        self._queue: deque[AdapterVersion] = deque()
+        self._version_counter = itertools.count(1)
+        self.counters: dict[tuple[str, str], int] = {}
+        self._closed = False
+        self._loader = threading.Thread(target=self._load_loop, name="adapter-loader", daemon=True)
+        self._loader.start()
+
+    # -- registration (API threads) ------------------------------------------------------
+
+    def resolve_path(self, path: str | Path, *, relative_only: bool = False) -> Path:
+        """An adapter directory inside one of the adapter roots (symlinks resolved)."""
+        p = Path(path)
+        if relative_only and p.is_absolute():
+            raise AdapterError(f"adapter path {str(path)!r} must be relative to the adapter root")
+        if not self.roots:
+            if relative_only:
+                raise AdapterError("no adapter root is configured")
+            return p.resolve()
+        candidates = [p] if p.is_absolute() else [root / p for root in self.roots]
+        for candidate in candidates:
+            resolved = candidate.resolve()
+            if any(resolved == root or root in resolved.parents for root in self.roots):
+                if resolved.is_dir():
+                    return resolved
+            elif candidate.exists() or not p.is_absolute():
+                raise AdapterError(f"adapter path {str(path)!r} resolves outside the adapter roots")
+        if p.is_absolute():
+            raise AdapterError(f"adapter path {str(path)!r} is outside the adapter roots")
+        raise AdapterError(f"adapter path {str(path)!r} is not a directory under the adapter roots")
+
+    def register(self, adapter_id: str, path: str | Path, *, pin: bool = False, relative_only: bool = False) -> AdapterVersion:
+        """Register (or re-register) an adapter. Validates config and tensor shapes now."""
+        check_adapter_id(adapter_id)
+        resolved = self.resolve_path(path, relative_only=relative_only)
+        spec = read_spec(resolved, self.layers, self.max_rank)
+        host_bytes = spec.host_bytes(self.layers, self.itemsize)
+        if host_bytes > self.host_budget:
+            raise AdapterError(
+                f"adapter {adapter_id!r} takes {host_bytes} bytes, more than the host budget of {self.host_budget}"
+            )
+        with self._lock:
+            current = self._current.get(adapter_id)
+            if current is not None and current.spec.content_hash == spec.content_hash and not current.retired:
+                if pin:
+                    self._set_pin(current, True)
+                return current
+            if pin:
+                self._check_pin_room(exclude=current)
+            version = AdapterVersion(adapter_id, next(self._version_counter), spec, host_bytes)
+            if current is not None:
+                version.stats = current.stats
+                self._retire(current)
+            self._current[adapter_id] = version
+            self._versions[version.key] = version
+            self._count(Tier.REGISTERED, "registrations")
+            if pin:
+                self._set_pin(version, True)
+            log.info("registered adapter %s v%d (%s, rank %d)", adapter_id, version.version, resolved, spec.rank)
+            return version
+
+    def unregister(self, adapter_id: str) -> AdapterVersion:
+        """Forget an id. Requests holding it keep their version until they end."""
+        with self._lock:
+            version = self._current.pop(adapter_id, None)
+            if version is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+            self._retire(version)
+            return version
+
+    def resolve(self, adapter_id: str) -> AdapterVersion:
+        """The current version of an id; auto-registers a directory of that name under a root."""
+        with self._lock:
+            version = self._current.get(adapter_id)
+            if version is not None:
+                return version
+        if self.auto_register and self.roots and ADAPTER_ID_RE.match(adapter_id) and ".." not in adapter_id:
+            for root in self.roots:
+                candidate = root / adapter_id
+                if candidate.is_dir():
+                    return self.register(adapter_id, adapter_id, relative_only=True)
+        raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+
+    def set_pin(self, adapter_id: str, pinned: bool) -> None:
+        with self._lock:
+            version = self._current.get(adapter_id)
+            if version is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+            if pinned and not version.pinned:
+                self._check_pin_room(exclude=None)
+            self._set_pin(version, pinned)
+
+    def _check_pin_room(self, exclude: AdapterVersion | None) -> None:
+        pinned = sum(1 for v in self._current.values() if v.pinned and v is not exclude)
+        if pinned + 1 >= self.slots.max_loras:
+            raise AdapterError(
+                f"cannot pin more than {self.slots.max_loras - 1} adapters with {self.slots.max_loras} device slots"
+            )
+
+    def _set_pin(self, version: AdapterVersion, pinned: bool) -> None:
+        version.pinned = pinned
+        if pinned and version.weights is None:
+            self._enqueue(version)
+
+    # -- requests (engine thread) ----------------------------------------------------------
+
+    def hold(self, version: AdapterVersion) -> None:
+        """A request now needs this version: count it and start loading it if needed."""
+        with self._lock:
+            version.requests += 1
+            version.stats.requests += 1
+            version.stats.last_used = time.time()
+            if version.weights is not None or version.slot is not None:
+                version.stats.host_hits += 1
+                self._count(Tier.HOST, "hits")
+                if version.weights is not None:
+                    self._host.move_to_end(version.key)
+            else:
+                version.stats.host_misses += 1
+                self._count(Tier.HOST, "misses")
+                self._enqueue(version)
+
+    def unhold(self, version: AdapterVersion) -> None:
+        with self._lock:
+            version.requests -= 1
+            if version.retired and version.requests == 0:
+                self._drop(version)
+            self._changed.notify_all()
+
+    def try_acquire(self, adapter: object) -> SlotState:
+        version: AdapterVersion = adapter  # type: ignore[assignment]
+        with self._lock:
+            if version.error is not None:
+                return SlotState.FAILED
+            if version.slot is not None:
+                version.slot_refs += 1
+                self._device_lru.move_to_end(version.slot)
+                version.stats.device_hits += 1
+                self._count(Tier.DEVICE, "hits")
+                return SlotState.ACQUIRED
+            if version.weights is None:
+                self._enqueue(version)
+                return SlotState.NOT_READY
+            slot = self._free_slot()
+            if slot is None:
+                return SlotState.NOT_READY
+            start = time.perf_counter()
+            self.slots.write_slot(slot, version.weights)
+            elapsed = time.perf_counter() - start
+            self._device[slot] = version
+            self._device_lru[slot] = None
+            version.slot = slot
+            version.slot_refs = 1
+            version.stats.device_misses += 1
+            self._count(Tier.DEVICE, "misses")
+            self._count(Tier.DEVICE, "loads")
+            if self.listener is not None:
+                self.listener.on_load(Tier.DEVICE, elapsed)
+            self._changed.notify_all()  # its host copy may now make room for a load
+            return SlotState.ACQUIRED
+
+    def release(self, adapter: object) -> None:
+        version: AdapterVersion = adapter  # type: ignore[assignment]
+        with self._lock:
+            version.slot_refs -= 1
+            if version.retired and version.slot_refs == 0 and version.requests == 0:
+                self._drop(version)
+
+    def on_device(self, adapter: object) -> bool:
+        return getattr(adapter, "slot", None) is not None
+
+    def failure(self, adapter: object) -> str:
+        return getattr(adapter, "error", None) or "adapter failed to load"
+
+    # -- tiers ---------------------------------------------------------------------------
+
+    def _free_slot(self) -> int | None:
+        for slot, occupant in enumerate(self._device):
+            if occupant is None:
+                return slot
+        for slot in self._device_lru:  # least recently used first
+            occupant = self._device[slot]
+            if occupant is not None and occupant.slot_refs == 0 and not occupant.pinned:
+                self._evict_device(occupant)
+                return slot
+        return None
+
+    def _evict_device(self, version: AdapterVersion) -> None:
+        slot = version.slot
+        if slot is None:
+            return
+        self._device[slot] = None
+        self._device_lru.pop(slot, None)
+        version.slot = None
+        version.stats.evictions += 1
+        self._count(Tier.DEVICE, "evictions")
+        if version.requests > 0 and version.weights is None:
+            self._enqueue(version)  # still wanted: bring it back to the host
+
+    def _host_evictable(self, version: AdapterVersion) -> bool:
+        if version.pinned or version.loading:
+            return False
+        # Needed by a waiting request and not on the device: keep it.
+        return version.requests == 0 or version.slot is not None
+
+    def _make_host_room(self, nbytes: int) -> bool:
+        if self._host_bytes + nbytes <= self.host_budget:
+            return True
+        for key in list(self._host):
+            version = self._host[key]
+            if self._host_evictable(version):
+                self._evict_host(version)
+                if self._host_bytes + nbytes <= self.host_budget:
+                    return True
+        return False
+
+    def _evict_host(self, version: AdapterVersion) -> None:
+        self._host.pop(version.key, None)
+        if version.weights is not None:
+            self._host_bytes -= version.host_bytes
+            version.weights = None
+        self._count(Tier.HOST, "evictions")
+
+    def _retire(self, version: AdapterVersion) -> None:
+        version.retired = True
+        version.pinned = False
+        if version.requests == 0 and version.slot_refs == 0:
+            self._drop(version)
+
+    def _drop(self, version: AdapterVersion) -> None:
+        if version.slot is not None:
+            slot = version.slot
+            self._device[slot] = None
+            self._device_lru.pop(slot, None)
+            version.slot = None
+        if version.weights is not None:
+            self._evict_host(version)
+        self._versions.pop(version.key, None)
+
+    def _count(self, tier: Tier, event: str) -> None:
+        key = (tier.value, event)
+        self.counters[key] = self.counters.get(key, 0) + 1
+        if self.listener is not None:
+            self.listener.on_event(tier, event)
+
+    # -- the loader thread -----------------------------------------------------------------
+
+    def _enqueue(self, version: AdapterVersion) -> None:
+        if version.queued or version.loading or version.weights is not None or version.error is not None:
+            return
+        version.queued = True
+        self._queue.append(version)
+        self._changed.notify_all()
+
+    def _next_load(self) -> AdapterVersion | None:
+        """The oldest queued version that is still wanted and fits (called with the lock held)."""
+        while self._queue:
+            version = self._queue[0]
+            wanted = (version.requests > 0 or version.pinned) and version.slot is None and not version.retired
+            if not wanted or version.weights is not None:
+                self._queue.popleft()
+                version.queued = False
+                continue
+            if not self._make_host_room(version.host_bytes):
+                return None  # wait for room: versions on the device or finished free it
+            self._queue.popleft()
+            version.queued = False
+            version.loading = True
+            return version
+        return None
+
+    def _load_loop(self) -> None:
+        while True:
+            with self._lock:
+                version = self._next_load()
+                while version is None:
+                    if self._closed:
+                        return
+                    self._changed.wait(timeout=0.5)
+                    version = self._next_load()
+                # Reserve the bytes now so concurrent decisions see them.
+                self._host_bytes += version.host_bytes
+            start = time.perf_counter()
+            try:
+                weights: AdapterWeights | None = self.load_fn(version.spec)
+                error = None
+            except AdapterError as e:
+                weights, error = None, str(e)
+            except Exception as e:  # a bug or I/O failure must not kill the loader
+                log.exception("loading adapter %s failed", version.key)
+                weights, error = None, f"adapter {version.adapter_id!r} failed to load: {e}"
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                version.loading = False
+                if weights is None or version.retired and version.requests == 0:
+                    self._host_bytes -= version.host_bytes
+                    version.error = error
+                else:
+                    version.weights = weights
+                    self._host[version.key] = version
+                    version.stats.loads += 1
+                    version.stats.last_load_s = elapsed
+                    self._count(Tier.HOST, "loads")
+                    if self.listener is not None:
+                        self.listener.on_load(Tier.HOST, elapsed)
+                self._changed.notify_all()
+            self.on_ready()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until no load is queued or running (tests and warm-up)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._queue or any(v.loading for v in self._versions.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(timeout=min(remaining, 0.1))
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._changed.notify_all()
+        self._loader.join(timeout=5)
+
+    # -- views -----------------------------------------------------------------------------
+
+    def get(self, adapter_id: str) -> AdapterInfo:
+        with self._lock:
+            version = self._current.get(adapter_id)
+            if version is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+            return self._info(version)
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [self._info(v) for _, v in sorted(self._current.items())]
+
+    def _info(self, v: AdapterVersion) -> AdapterInfo:
+        return AdapterInfo(
+            adapter_id=v.adapter_id,
+            version=v.version,
+            path=str(v.spec.path),
+            tier=v.tier.value,
+            rank=v.spec.rank,
+            target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in v.spec.module_ranks})),
+            host_bytes=v.host_bytes,
+            pinned=v.pinned,
+            loading=v.loading or v.queued,
+            error=v.error,
+            active_requests=v.requests,
+            content_hash=v.spec.content_hash,
+            stats=AdapterStats(**vars(v.stats)),
+        )
+
+    def snapshot(self) -> StoreSnapshot:
+        with self._lock:
+            return StoreSnapshot(
+                host_bytes=self._host_bytes,
+                host_budget=self.host_budget,
+                host_resident=len(self._host),
+                device_resident=sum(1 for v in self._device if v is not None),
+                device_slots=len(self._device),
+                registered=len(self._current),
+                counters=dict(self.counters),
+            )
+
+    def device_versions(self) -> list[AdapterVersion | None]:
+        with self._lock:
+            return list(self._device)
+
+    def version(self, key: str) -> AdapterVersion | None:
+        with self._lock:
+            return self._versions.get(key)
+
+
+def check_adapter_id(adapter_id: str) -> None:
+    if not ADAPTER_ID_RE.match(adapter_id or ""):
+        raise AdapterError(
+            f"adapter id {adapter_id!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ / -"
+        )
+    if adapter_id.startswith("/") or ".." in adapter_id.split("/"):
+        raise AdapterError(f"adapter id {adapter_id!r} is invalid: no leading '/' or '..' parts")
+

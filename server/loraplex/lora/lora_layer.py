@@ -1,0 +1,123 @@
+"""LoRA layers wrapped once around every targetable linear layer, and the device slot pool.
+
+    x ──> base (Linear4bit NF4 | nn.Linear) ──────────────┐
+     │                                                     + ──> y
+     └──> grouped_lora(x, A[slots], Bᵀ[slots], step batch) ┘
+
+Each wrapped layer owns its slice of the slot pool: A [max_loras, max_lora_rank, d_in] and
+Bᵀ [max_loras, max_lora_rank, d_out]. Putting an adapter on the device is one copy per layer
+into a slot; a layer the adapter does not target keeps zeros in that slot. The model's
+structure never changes after start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from loraplex.lora.adapter import AdapterWeights, BaseLayerInfo
+from loraplex.lora.lora_ops import EMPTY_BATCH, LoraBatch, grouped_lora
+
+# The projections of Llama / Mistral / Qwen2-style blocks; other linear layers inside the
+# decoder blocks are wrapped too (PEFT's "all-linear" also takes every linear but lm_head).
+EXCLUDED = ("lm_head",)
+
+
+class LoraStepState:
+    """The current step's LoRA batch, set by the model runner, read by every layer."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self) -> None:
+        self.batch: LoraBatch = EMPTY_BATCH
+
+
+class LoraLinear(nn.Module):
+    def __init__(
+        self, base: nn.Module, in_features: int, out_features: int, state: LoraStepState,
+        max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = in_features
+        self.out_features = out_features
+        self.state = state
+        self.register_buffer("lora_a", torch.zeros(max_loras, max_rank, in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(max_loras, max_rank, out_features, dtype=dtype, device=device))
+        self.lora_a: torch.Tensor
+        self.lora_b: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.state.batch
+        if batch.active:
+            # x: [1, T, d_in] packed tokens; y: [1, T, d_out]
+            grouped_lora(y.view(-1, self.out_features), x.view(-1, self.in_features), self.lora_a, self.lora_b, batch)
+        return y
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a bitsandbytes Linear4bit, else None."""
+    if isinstance(module, nn.Linear):  # bnb's Linear4bit subclasses nn.Linear
+        return module.in_features, module.out_features
+    return None
+
+
+class LoraModel:
+    """Wraps the base model's linear layers and writes adapters into device slots."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.state = LoraStepState()
+        self.layers: dict[str, LoraLinear] = {}
+        self.slot_ranks = [0] * max_loras  # largest rank of the adapter in each slot
+        targets = [
+            (name, module, shape)
+            for name, module in model.named_modules()
+            if (shape := _linear_shape(module)) is not None and name.split(".")[-1] not in EXCLUDED
+        ]
+        for name, module, (d_in, d_out) in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = LoraLinear(module, d_in, d_out, self.state, max_loras, max_rank, dtype, device)
+            setattr(parent, child, layer)
+            self.layers[name] = layer
+        if not self.layers:
+            raise ValueError("the base model has no linear layers to put LoRA on")
+
+    @property
+    def layer_infos(self) -> dict[str, BaseLayerInfo]:
+        return {name: BaseLayerInfo(name, layer.in_features, layer.out_features) for name, layer in self.layers.items()}
+
+    def write_slot(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy an adapter into a device slot: one copy per layer, zeros where it has no weights."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                module = weights.modules.get(name)
+                if module is None:
+                    layer.lora_a[slot].zero_()
+                    layer.lora_b[slot].zero_()
+                    continue
+                r = module.a.shape[0]
+                layer.lora_a[slot, :r].copy_(module.a, non_blocking=True)
+                layer.lora_a[slot, r:].zero_()
+                layer.lora_b[slot, :r].copy_(module.b, non_blocking=True)
+                layer.lora_b[slot, r:].zero_()
+        self.slot_ranks[slot] = weights.rank
+
+    def clear_slot(self, slot: int) -> None:
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.lora_a[slot].zero_()
+                layer.lora_b[slot].zero_()
+        self.slot_ranks[slot] = 0
+
+    def __iter__(self) -> Iterator[LoraLinear]:
+        return iter(self.layers.values())
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(layer.lora_a.nbytes + layer.lora_b.nbytes for layer in self.layers.values())

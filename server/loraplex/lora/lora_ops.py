@@ -1,0 +1,128 @@
+"""The grouped LoRA op: every token gets its own adapter's low-rank update, in one pass.
+
+    y[t] += (x[t] @ A[slot(t)]ᵀ) @ Bᵀ[slot(t)]        for each token t with an adapter
+             └──── shrink ─────┘  └─ expand ─┘
+
+A: [slots, r_max, d_in], Bᵀ: [slots, r_max, d_out] with the adapter's scale folded in;
+rows past an adapter's rank, and layers it does not target, hold zeros.
+
+The step's tokens are packed with the requests ordered by slot, so the tokens of one
+adapter form one contiguous segment. Two torch forms compute the same thing:
+
+- segments (SGMV-like): one shrink + expand per segment on views, no gather. Best when
+  segments are long (prefill).
+- dense: shrink every token against the stacked A of all slots in use, zero the blocks of
+  other slots with a per-step mask, expand against the stacked Bᵀ. Two matmuls per layer
+  whatever the number of adapters; the extra compute is T·n_slots·r, tiny at decode.
+
+The batch metadata (`LoraBatch`) is built once per step and read by every layer. On CUDA
+the Triton kernels in triton_ops.py implement the segment form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Dense form while tokens × slots in use stays below this (tuned on the CPU bench model).
+DENSE_MAX_TOKEN_SLOTS = 2048
+
+
+@dataclass(slots=True)
+class Segment:
+    start: int
+    end: int
+    slot: int
+    rank: int  # the adapter's largest rank; rows above it are zero
+
+
+@dataclass(slots=True)
+class LoraBatch:
+    """Per-step LoRA metadata shared by every LoRA layer."""
+
+    num_tokens: int = 0
+    segments: list[Segment] = field(default_factory=list)
+    dense: bool = False
+    num_slots: int = 0  # dense: slots [0, num_slots) are stacked
+    rank: int = 0  # dense: r_max of the pool
+    token_mask: torch.Tensor | None = None  # dense: [T, num_slots * r_max], 1 on the token's slot block
+    triton: object | None = None  # CUDA: kernel metadata (triton_ops.TritonBatch)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.segments)
+
+
+EMPTY_BATCH = LoraBatch()
+
+
+def build_lora_batch(
+    token_slots: list[tuple[int, int]],
+    slot_ranks: list[int],
+    max_rank: int,
+    num_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    use_triton: bool = False,
+) -> LoraBatch:
+    """Build the step's metadata from (slot, num_tokens) runs in packing order (slot -1 = base)."""
+    segments: list[Segment] = []
+    start = 0
+    for slot, n in token_slots:
+        if slot >= 0 and n > 0:
+            if segments and segments[-1].slot == slot and segments[-1].end == start:
+                segments[-1].end += n
+            else:
+                segments.append(Segment(start, start + n, slot, slot_ranks[slot]))
+        start += n
+    if start != num_tokens:
+        raise ValueError(f"token runs cover {start} tokens, the batch has {num_tokens}")
+    batch = LoraBatch(num_tokens=num_tokens, segments=segments, rank=max_rank)
+    if not segments:
+        return batch
+    if use_triton:
+        from loraplex.lora.triton_ops import build_triton_batch
+
+        batch.triton = build_triton_batch(segments, num_tokens, device)
+        return batch
+    num_slots = max(s.slot for s in segments) + 1
+    if len(segments) > 1 and num_tokens * num_slots <= DENSE_MAX_TOKEN_SLOTS:
+        mask = torch.zeros(num_tokens, num_slots, max_rank, dtype=dtype)
+        for s in segments:
+            mask[s.start : s.end, s.slot, : s.rank] = 1
+        batch.dense = True
+        batch.num_slots = num_slots
+        batch.token_mask = mask.view(num_tokens, num_slots * max_rank).to(device)
+    return batch
+
+
+def grouped_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch) -> None:
+    """Add each token's adapter update to y, in place.
+
+    y: [T, d_out], x: [T, d_in], lora_a: [slots, r, d_in], lora_b: [slots, r, d_out].
+    """
+    if batch.triton is not None:
+        from loraplex.lora.triton_ops import sgmv_lora
+
+        sgmv_lora(y, x, lora_a, lora_b, batch.triton)
+    elif batch.dense:
+        lora_dense(y, x, lora_a, lora_b, batch)
+    else:
+        lora_segments(y, x, lora_a, lora_b, batch.segments)
+
+
+def lora_segments(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, segments: list[Segment]
+) -> None:
+    for s in segments:
+        v = x[s.start : s.end] @ lora_a[s.slot, : s.rank].t()  # shrink: [n, r]
+        y[s.start : s.end].addmm_(v, lora_b[s.slot, : s.rank])  # expand: [n, d_out]
+
+
+def lora_dense(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch) -> None:
+    n, r = batch.num_slots, lora_a.shape[1]
+    v = x @ lora_a[:n].reshape(n * r, -1).t()  # shrink against all slots: [T, n*r]
+    v.mul_(batch.token_mask)  # keep each token's own slot block
+    y.addmm_(v, lora_b[:n].reshape(n * r, -1))  # expand: [T, d_out]
+
