@@ -93,7 +93,7 @@ def paged_attention(
     meta: AttentionMetadata | None = kwargs.get("loraplex_attn")
     if meta is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs the engine's step metadata")
-    layer = module.layer_idx  # type: ignore[attr-defined]
+    layer: int = module.layer_idx  # type: ignore[assignment]
     k_cache, v_cache = meta.kv_cache.key[layer], meta.kv_cache.value[layer]
     num_heads, num_tokens = query.shape[1], query.shape[2]
     gqa = num_heads != key.shape[1]

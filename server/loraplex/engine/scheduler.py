@@ -17,6 +17,7 @@ adapter's slot, so a step never needs more distinct adapters than there are slot
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from collections import deque
@@ -184,17 +185,16 @@ class Scheduler:
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Move a request to a finished state and give back its blocks and adapter slot."""
-        assert status.finished
+        if not status.finished:
+            raise ValueError(f"finish() needs a finished status, got {status}")
         was_running = request.status is RequestStatus.RUNNING
         if was_running:
             self.running.remove(request)
             if request.adapter is not None:
                 self.adapters.release(request.adapter)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(request)
-            except ValueError:
-                pass
         self.blocks.free(request)
         request.status = status
 

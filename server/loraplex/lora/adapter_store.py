@@ -467,7 +467,7 @@ class AdapterStore:
             elapsed = time.perf_counter() - start
             with self._lock:
                 version.loading = False
-                if weights is None or version.retired and version.requests == 0:
+                if weights is None or (version.retired and version.requests == 0):
                     self._host_bytes -= version.host_bytes
                     version.error = error
                 else:
@@ -507,7 +507,7 @@ class AdapterStore:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
             return self._info(version)
 
-    def list(self) -> list[AdapterInfo]:
+    def infos(self) -> list[AdapterInfo]:
         with self._lock:
             return [self._info(v) for _, v in sorted(self._current.items())]
 

@@ -121,8 +121,10 @@ def lora_segments(
 
 
 def lora_dense(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch) -> None:
-    n, r = batch.num_slots, lora_a.shape[1]
+    n, r, mask = batch.num_slots, lora_a.shape[1], batch.token_mask
+    if mask is None:
+        raise ValueError("a dense LoRA batch needs its token mask")
     v = x @ lora_a[:n].reshape(n * r, -1).t()  # shrink against all slots: [T, n*r]
-    v.mul_(batch.token_mask)  # keep each token's own slot block
+    v.mul_(mask)  # keep each token's own slot block
     y.addmm_(v, lora_b[:n].reshape(n * r, -1))  # expand: [T, d_out]
 

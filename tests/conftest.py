@@ -1,0 +1,206 @@
+"""Shared, session-scoped fixtures: tiny Llama and Qwen2 bases, a local tokenizer, and PEFT
+adapters made with PEFT itself. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex.model.loader import exact_nf4_compute
+
+# name -> PEFT LoraConfig settings. Ranks {4, 8, 16}, different alphas, rsLoRA,
+# rank/alpha patterns, {q, v} and all-linear targets, one layer only.
+ADAPTER_SETTINGS: dict[str, dict[str, Any]] = {
+    "qv-r4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "all-r8-rslora": {"r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"},
+    "all-r16-patterns": {
+        "r": 16, "lora_alpha": 32, "target_modules": "all-linear",
+        "rank_pattern": {"down_proj": 4, "self_attn.k_proj": 8}, "alpha_pattern": {"o_proj": 4},
+    },
+    "attn-r8-layer0": {"r": 8, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers_to_transform": [0]},
+}
+
+
+B_SCALE = 0.25
+
+
+@dataclass
+class TinyModel:
+    arch: str
+    path: Path
+    adapters: dict[str, Path] = field(default_factory=dict)
+    adapter_root: Path | None = None
+
+
+def _tiny_config(arch: str, vocab_size: int) -> Any:
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.08, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    return Qwen2Config(**common, use_sliding_window=False)
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, **settings: Any) -> Path:
+    """Save a PEFT LoRA adapter with random (non-zero) A and B for the base at base_dir."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    settings.setdefault("init_lora_weights", False)
+    model = get_peft_model(base, PeftLoraConfig(lora_dropout=0.0, **settings))
+    # PEFT's random init makes updates as large as the base layers; tone them down so the
+    # adapters change the output clearly without making the tiny model numerically chaotic.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(B_SCALE)
+    model.save_pretrained(out)
+    return out
+
+
+def _build(arch: str, root: Path, tokenizer: Any, seed: int) -> TinyModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(arch, len(tokenizer)))
+    path = root / arch / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    tiny = TinyModel(arch, path, adapter_root=root / arch / "adapters")
+    for i, (name, settings) in enumerate(ADAPTER_SETTINGS.items()):
+        tiny.adapters[name] = make_adapter(path, root / arch / "adapters" / name, seed + 10 + i, **settings)
+    return tiny
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    from loraplex.model.demo import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_root: Path, tokenizer: Any) -> TinyModel:
+    return _build("llama", tiny_root, tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_root: Path, tokenizer: Any) -> TinyModel:
+    return _build("qwen2", tiny_root, tokenizer, seed=2)
+
+
+def engine_config(
+    tiny: TinyModel, *, quantization: str = "nf4", num_blocks: int | None = 256, block_size: int = 16,
+    max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_loras: int = 8, max_lora_rank: int = 16,
+    roots: tuple[str, ...] | None = None, **lora: Any,
+) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(str(tiny.path), quantization=quantization, dtype="float32", device="cpu"),  # type: ignore[arg-type]
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+        lora=LoraConfig(
+            max_loras=max_loras, max_lora_rank=max_lora_rank,
+            adapter_roots=roots if roots is not None else (str(tiny.adapter_root),), **lora,
+        ),
+    )
+
+
+def make_engine(tiny: TinyModel, register: bool = True, **kwargs: Any) -> Any:
+    from loraplex.engine.engine import Engine
+
+    engine = Engine(engine_config(tiny, **kwargs))
+    if register:
+        for name in tiny.adapters:
+            engine.register_adapter(name, name)
+    return engine
+
+
+@pytest.fixture(scope="session")
+def llama_engine(tiny_llama: TinyModel) -> Iterator[Any]:
+    engine = make_engine(tiny_llama)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def qwen2_engine(tiny_qwen2: TinyModel) -> Iterator[Any]:
+    engine = make_engine(tiny_qwen2)
+    yield engine
+    engine.close()
+
+
+class PeftReference:
+    """PEFT's own model on an independently loaded NF4 base with every adapter loaded."""
+
+    def __init__(self, tiny: TinyModel) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        base = AutoModelForCausalLM.from_pretrained(tiny.path, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+        # fp32 compute on both sides: bitsandbytes' AVX512-BF16 CPU kernel would round to bf16.
+        exact_nf4_compute(base, torch.float32)
+        base.generation_config.eos_token_id = None
+        base.generation_config.pad_token_id = 0
+        names = list(tiny.adapters)
+        self.model = PeftModel.from_pretrained(base, tiny.adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(tiny.adapters[name], adapter_name=name)
+        self.model.eval()
+
+    def _select(self, adapter: str | None) -> Any:
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    @torch.inference_mode()
+    def greedy(self, prompt_ids: list[int], adapter: str | None, max_new_tokens: int) -> list[int]:
+        with self._select(adapter):
+            out = self.model.generate(
+                input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens, do_sample=False,
+            )
+        return out[0, len(prompt_ids) :].tolist()
+
+    @torch.inference_mode()
+    def last_logits(self, ids: list[int], adapter: str | None) -> Any:
+        with self._select(adapter):
+            return self.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+@pytest.fixture(scope="session")
+def llama_peft(tiny_llama: TinyModel) -> PeftReference:
+    return PeftReference(tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def qwen2_peft(tiny_qwen2: TinyModel) -> PeftReference:
+    return PeftReference(tiny_qwen2)

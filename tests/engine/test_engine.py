@@ -1,0 +1,166 @@
+"""Engine behaviour: continuous batching limits, abort, KV exhaustion and preemption, chunked
+prefill, stop conditions and bad input. Reference tokens come from PEFT's greedy generate."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from conftest import TinyModel, make_engine
+from loraplex.engine.request import SamplingParams
+from loraplex.lora.adapter_store import AdapterNotFoundError
+
+ADAPTERS: list[str | None] = ["qv-r4", "all-r8-rslora", "all-r16-patterns", "attn-r8-layer0", None]
+GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+def _workload(vocab: int, n: int, seed: int) -> tuple[list[list[int]], list[str | None]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randrange(2, 45))] for _ in range(n)]
+    return prompts, [ADAPTERS[i % len(ADAPTERS)] for i in range(n)]
+
+
+def _expected(peft: Any, prompts: list[list[int]], adapters: list[str | None], max_new: int = 10) -> list[list[int]]:
+    return [peft.greedy(p, a, max_new) for p, a in zip(prompts, adapters)]
+
+
+@pytest.fixture(scope="module")
+def workload(llama_engine: Any, llama_peft: Any) -> tuple[list[list[int]], list[str | None], list[list[int]]]:
+    prompts, adapters = _workload(llama_engine.loaded.vocab_size, 12, seed=7)
+    return prompts, adapters, _expected(llama_peft, prompts, adapters)
+
+
+def test_kv_block_exhaustion_preempts_without_corrupting(tiny_llama: TinyModel, workload: Any) -> None:
+    prompts, adapters, expected = workload
+    # 10 blocks of 8 tokens: far fewer than 12 sequences of up to ~55 tokens need.
+    engine = make_engine(tiny_llama, num_blocks=10, block_size=8)
+    preempted = 0
+    original = engine.scheduler.schedule
+
+    def schedule() -> Any:
+        nonlocal preempted
+        batch = original()
+        preempted += len(batch.preempted)
+        assert engine.blocks.num_used_blocks <= 10
+        return batch
+
+    engine.scheduler.schedule = schedule  # type: ignore[method-assign]
+    results = engine.generate(prompts, GREEDY, adapters)
+    assert [r.token_ids for r in results] == expected
+    assert preempted > 0, "the workload should have run out of KV blocks"
+    assert engine.blocks.num_free_blocks == 10
+    engine.close()
+
+
+def test_max_num_seqs_and_chunked_prefill(tiny_llama: TinyModel, workload: Any) -> None:
+    prompts, adapters, expected = workload
+    engine = make_engine(tiny_llama, max_num_seqs=3, max_num_batched_tokens=16)
+    seen_running, seen_tokens = 0, 0
+    original = engine.scheduler.schedule
+
+    def schedule() -> Any:
+        nonlocal seen_running, seen_tokens
+        batch = original()
+        seen_running = max(seen_running, len(engine.scheduler.running))
+        seen_tokens = max(seen_tokens, batch.num_tokens)
+        return batch
+
+    engine.scheduler.schedule = schedule  # type: ignore[method-assign]
+    results = engine.generate(prompts, GREEDY, adapters)
+    assert [r.token_ids for r in results] == expected
+    assert seen_running == 3 and seen_tokens == 16
+    engine.close()
+
+
+def test_more_adapters_than_slots(tiny_llama: TinyModel, workload: Any) -> None:
+    prompts, adapters, expected = workload
+    engine = make_engine(tiny_llama, max_loras=2)
+    results = engine.generate(prompts, GREEDY, adapters)
+    assert [r.token_ids for r in results] == expected
+    assert engine.store.counters.get(("device", "evictions"), 0) > 0
+    engine.close()
+
+
+def test_abort_frees_blocks_and_slot(llama_engine: Any) -> None:
+    engine = llama_engine
+    free_before = engine.blocks.num_free_blocks
+    rid = engine.add_request(prompt_token_ids=list(range(3, 40)), params=SamplingParams(max_new_tokens=50, ignore_eos=True), adapter_id="qv-r4")
+    other = engine.add_request(prompt_token_ids=list(range(3, 20)), params=SamplingParams(max_new_tokens=5, ignore_eos=True))
+    outs = engine.step() + engine.step() + engine.step()
+    assert engine.blocks.num_free_blocks < free_before
+    version = engine.store.resolve("qv-r4")
+    assert version.slot_refs == 1 and version.requests == 1
+    engine.abort(rid)
+    outs = engine.step()
+    aborted = [o for o in outs if o.request_id == rid]
+    assert aborted and aborted[0].finished and aborted[0].finish_reason == "abort"
+    assert version.slot_refs == 0 and version.requests == 0
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert any(o.request_id == other and o.finish_reason == "length" for o in outs)
+    assert engine.blocks.num_free_blocks == free_before
+    engine.abort("no-such-request")  # harmless
+    assert engine.step() == []
+
+
+def test_stop_token_and_stop_string(llama_engine: Any, llama_peft: Any) -> None:
+    prompt = list(range(5, 25))
+    reference = llama_peft.greedy(prompt, "qv-r4", 10)
+    stop_at = reference[4]
+    first = reference.index(stop_at)
+    result = llama_engine.generate([prompt], SamplingParams(max_new_tokens=10, stop_token_ids=(stop_at,)), ["qv-r4"])[0]
+    assert result.token_ids == reference[: first + 1] and result.finish_reason == "stop"
+
+    full = llama_engine.generate([prompt], GREEDY, ["qv-r4"])[0]
+    tok = llama_engine.tokenizer
+    stop = tok.decode(reference[5:7])
+    if stop.strip() and stop in full.text:
+        result = llama_engine.generate([prompt], SamplingParams(max_new_tokens=10, stop=(stop,), ignore_eos=True), ["qv-r4"])[0]
+        assert result.finish_reason == "stop"
+        assert result.text == full.text[: full.text.index(stop)]
+
+
+def test_max_model_len_ends_with_length(tiny_llama: TinyModel) -> None:
+    import dataclasses
+
+    from conftest import engine_config
+    from loraplex.config import ModelConfig
+    from loraplex.engine.engine import Engine
+
+    config = engine_config(tiny_llama)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, max_model_len=32))
+    engine = Engine(config)
+    result = engine.generate([list(range(3, 30))], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
+    assert len(result.token_ids) == 5 and result.finish_reason == "length"
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(prompt_token_ids=list(range(3, 40)))
+    engine.close()
+    assert isinstance(config.model, ModelConfig)
+
+
+def test_bad_input_is_rejected_with_the_reason(llama_engine: Any) -> None:
+    engine = llama_engine
+    with pytest.raises(AdapterNotFoundError, match="nope"):
+        engine.add_request("hello", adapter_id="nope")
+    with pytest.raises(ValueError, match="exactly one"):
+        engine.add_request("hi", prompt_token_ids=[1, 2])
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request(prompt_token_ids=[10**6])
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("")
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert not engine.has_unfinished()
+
+
+def test_text_prompt_and_eos(llama_engine: Any) -> None:
+    result = llama_engine.generate(["The sun rises"], SamplingParams(max_new_tokens=5))[0]
+    assert result.usage.prompt_tokens == len(llama_engine.tokenizer("The sun rises")["input_ids"])
+    assert result.finish_reason in ("stop", "length")
+    assert result.text == llama_engine.tokenizer.decode(
+        [t for t in result.token_ids if t not in llama_engine.loaded.eos_token_ids], skip_special_tokens=True
+    )

@@ -1,0 +1,69 @@
+"""The sampler against transformers' own logits processors."""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from loraplex.engine.request import Request, SamplingParams
+from loraplex.engine.sampler import Sampler
+
+
+def _request(params: SamplingParams, prompt: list[int] | None = None) -> Request:
+    return Request("r", prompt or [1, 2, 3], params)
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    tokens = Sampler()(logits, [_request(SamplingParams()) for _ in range(4)])
+    assert tokens == logits.argmax(-1).tolist()
+
+
+def test_repetition_penalty_matches_transformers() -> None:
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
+    prompt = [3, 7, 7, 11]
+    params = SamplingParams(repetition_penalty=1.7)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt]), logits.clone())
+    ours = logits.clone()
+    Sampler()(ours, [_request(params, prompt)])
+    torch.testing.assert_close(ours, expected)
+
+
+def test_top_k_top_p_support_matches_transformers() -> None:
+    logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(temperature=1.5, top_k=20, top_p=0.8, seed=5)
+    warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, logits / 1.5))
+    allowed = set(torch.nonzero(torch.isfinite(warped[0])).flatten().tolist())
+    sampler = Sampler()
+    request = _request(params)
+    drawn = {sampler(logits, [request])[0] for _ in range(300)}
+    assert 3 < len(allowed) < 20
+    assert drawn == allowed
+
+
+def test_sampling_follows_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    request = _request(SamplingParams(temperature=1.0, seed=123))
+    sampler = Sampler()
+    counts = torch.zeros(4)
+    n = 4000
+    for _ in range(n):
+        counts[sampler(logits, [request])[0]] += 1
+    expected = torch.softmax(logits[0], -1)
+    assert torch.allclose(counts / n, expected, atol=0.03)
+
+
+def test_seed_reproduces_and_differs() -> None:
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3))
+
+    def draw(seed: int | None, sampler: Sampler) -> list[int]:
+        request = _request(SamplingParams(temperature=1.0, seed=seed))
+        return [sampler(logits, [request])[0] for _ in range(20)]
+
+    assert draw(7, Sampler(0)) == draw(7, Sampler(99))
+    assert draw(7, Sampler()) != draw(8, Sampler())
+    assert draw(None, Sampler(0)) != draw(None, Sampler(1))
