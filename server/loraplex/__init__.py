@@ -1,0 +1,3 @@
+"""loraplex: multi-tenant LoRA adapter serving."""
+
+__version__ = "0.1.0"

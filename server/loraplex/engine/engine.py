@@ -204,6 +204,10 @@ class Engine:
     def num_unfinished(self) -> int:
         return self._num_unfinished
 
+    def wake(self) -> None:
+        """Make a sleeping engine loop look at its queues (new adapter, new request)."""
+        self._wake.set()
+
     def wait_for_work(self, timeout: float) -> None:
         """Sleep until a request, an abort or a loaded adapter arrives (engine loop)."""
         self._wake.wait(timeout)
@@ -214,6 +218,7 @@ class Engine:
         outputs = self._drain_inbox()
         batch = self.scheduler.schedule()
         for request in batch.failed:
+            request.error_kind = "adapter"
             outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
         num_adapters = 0
         if batch.requests:
@@ -225,6 +230,7 @@ class Engine:
                 log.exception("step failed for %d requests", len(batch))
                 for request in list(batch.requests):
                     request.error = f"internal error in request {request.request_id}: {type(e).__name__}: {e}"
+                    request.error_kind = "internal"
                     outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
             else:
                 outputs.extend(self._postprocess(batch, result.sampling, tokens))
@@ -302,6 +308,7 @@ class Engine:
             finished=True,
             finish_reason=status.finish_reason,
             error=request.error,
+            error_kind=request.error_kind,
             usage=usage_of(request),
         )
 
@@ -365,6 +372,10 @@ class Engine:
             self._abort_inbox.put((version, f"adapter {adapter_id!r} was unloaded"))
             self._wake.set()
         return version
+
+    def stop_accepting(self) -> None:
+        """New add_request calls fail with EngineClosedError; running requests go on."""
+        self._closed = True
 
     def close(self) -> None:
         self._closed = True

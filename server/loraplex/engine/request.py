@@ -93,6 +93,7 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     error: str | None = None
+    error_kind: str | None = None  # "adapter" (could not be loaded) or "internal"
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -133,6 +134,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str | None = None
     usage: Usage | None = None
 
 

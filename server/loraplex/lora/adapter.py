@@ -123,7 +123,16 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _content_hash(*blobs: bytes) -> str:
+    h = hashlib.sha256()
+    for blob in blobs:
+        h.update(blob)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def _hash_files(*files: Path) -> str:
+    """The same digest as _content_hash over the files' bytes, read in chunks."""
     h = hashlib.sha256()
     for f in files:
         with f.open("rb") as fh:
@@ -265,12 +274,19 @@ def _check_tensors(
 def load_weights(spec: AdapterSpec, dtype: torch.dtype, pin_memory: bool = False) -> AdapterWeights:
     """Read the tensors of a checked adapter, fold PEFT's scale into B and cast once."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
     path = spec.path
     try:
-        tensors = load_file(str(path / WEIGHTS_FILE), device="cpu")
-    except (SafetensorError, OSError, RuntimeError) as e:
+        config_bytes = (path / CONFIG_FILE).read_bytes()
+        data = (path / WEIGHTS_FILE).read_bytes()
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read the adapter files: {e}") from None
+    if _content_hash(config_bytes, data) != spec.content_hash:
+        raise AdapterError(f"{path}: the files changed on disk since the adapter was registered; load it again")
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, RuntimeError) as e:
         raise AdapterError(f"{path}: cannot read {WEIGHTS_FILE}: {e}") from None
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

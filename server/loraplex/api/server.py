@@ -1,0 +1,189 @@
+"""The gRPC server around one engine: service, health, reflection, auth, warm-up and drain.
+
+Start-up:  load the base (progress bar) → bind and listen (liveness SERVING) → warm up one
+           request → readiness SERVING.
+Running:   a watchdog turns readiness NOT_SERVING while the engine loop makes no progress.
+Shutdown:  SIGTERM/SIGINT → readiness NOT_SERVING, new calls UNAVAILABLE, in-flight streams
+           get up to drain_timeout to finish, the rest end UNAVAILABLE, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from loraplex.api.auth import AuthInterceptor
+from loraplex.api.engine_loop import EngineLoop
+from loraplex.api.service import LoraPlexService
+from loraplex.api.validation import GenerateArgs
+from loraplex.config import ServerConfig
+from loraplex.engine.engine import Engine
+from loraplex.engine.request import SamplingParams
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraPlex"].full_name  # "loraplex.v1.LoraPlex"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+WATCHDOG_PERIOD_S = 0.5
+SHUTDOWN_REASON = "the server is shutting down"
+
+
+class Server:
+    def __init__(self, config: ServerConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.health = HealthServicer()
+        self.port = 0
+        self.ready = False
+        self.draining = False
+        self._grpc: grpc.aio.Server | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.engine_loop: EngineLoop | None = None
+        self.service: LoraPlexService | None = None
+        self.on_ready: Callable[[], None] | None = None
+
+    async def start(self) -> int:
+        api = self.config.api
+        self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop())
+        self.engine_loop.start()
+        self.service = LoraPlexService(self.engine_loop, self.config)
+        server = grpc.aio.server(interceptors=[AuthInterceptor(api.auth_tokens)])
+        pb_grpc.add_LoraPlexServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+        self.port = server.add_insecure_port(f"{api.host}:{api.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {api.host}:{api.port}")
+        await self.health.set("", SERVING)  # live
+        await self.health.set(SERVICE_NAME, NOT_SERVING)  # not ready before warm-up
+        await server.start()
+        self._grpc = server
+        self._watchdog = asyncio.create_task(self._watch())
+        log.info("listening on %s:%d (gRPC %s, health, reflection)", api.host, self.port, SERVICE_NAME)
+        return self.port
+
+    async def warm_up(self) -> None:
+        """Run one short request through the whole path, then report ready."""
+        assert self.engine_loop is not None and self.service is not None
+        start = time.perf_counter()
+        args = GenerateArgs(None, [0, 1, 2], None, SamplingParams(max_new_tokens=2, ignore_eos=True), None)
+        async for _ in self.engine_loop.stream(args):
+            pass
+        self.ready = True
+        self.service.ready = True
+        await self.health.set(SERVICE_NAME, SERVING)
+        log.info("ready (warm-up %.2fs)", time.perf_counter() - start)
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _stalled(self) -> str | None:
+        loop = self.engine_loop
+        if loop is None:
+            return "no engine loop"
+        if not loop.alive:
+            return f"engine loop stopped: {loop.failed!r}"
+        now, limit = time.monotonic(), self.config.api.heartbeat_timeout_s
+        busy = loop.busy_since
+        if busy is not None and now - busy > limit:
+            return f"an engine step has run for {now - busy:.1f}s"
+        if now - loop.heartbeat > limit:
+            return f"the engine loop has not come round for {now - loop.heartbeat:.1f}s"
+        return None
+
+    async def _watch(self) -> None:
+        healthy = True
+        while True:
+            await asyncio.sleep(WATCHDOG_PERIOD_S)
+            if not self.ready or self.draining:
+                continue
+            problem = self._stalled()
+            if problem is not None and healthy:
+                log.error("readiness NOT_SERVING: %s", problem)
+                await self.health.set(SERVICE_NAME, NOT_SERVING)
+            elif problem is None and not healthy:
+                log.info("readiness SERVING again: the engine loop is making progress")
+                await self.health.set(SERVICE_NAME, SERVING)
+            healthy = problem is None
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking requests, let in-flight ones finish for `timeout` seconds, end the rest."""
+        assert self.engine_loop is not None and self._grpc is not None
+        self.draining = True
+        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        self.engine.stop_accepting()
+        loop = self.engine_loop
+        log.info("draining: %d streams in flight, up to %.1fs", loop.num_streams, timeout)
+        deadline = time.monotonic() + timeout
+        while loop.num_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if loop.num_streams:
+            log.warning("drain timeout: ending %d streams with UNAVAILABLE", loop.num_streams)
+            loop.abort_all(SHUTDOWN_REASON)
+            end = time.monotonic() + 5.0
+            while loop.num_streams and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+        await self.health.enter_graceful_shutdown()
+        await self._grpc.stop(grace=1.0)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        loop.stop()
+        log.info("stopped")
+
+    async def stop(self) -> None:
+        await self.drain(0.0)
+
+
+async def serve(config: ServerConfig, engine_factory: Callable[[], Engine], *, preload: dict[str, str] | None = None) -> int:
+    """Run until SIGTERM / SIGINT, then drain. Returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    engine = await asyncio.to_thread(engine_factory)
+    for adapter_id, path in (preload or {}).items():
+        await asyncio.to_thread(engine.register_adapter, adapter_id, path)
+    server = Server(config, engine)
+    await server.start()
+    await server.warm_up()
+    await stop.wait()
+    log.info("signal received: draining for up to %.1fs", config.api.drain_timeout_s)
+    await server.drain(config.api.drain_timeout_s)
+    engine.close()
+    return 0
+
+
+class BackgroundServer:
+    """A server on its own event loop thread (tests, benchmarks, the demo)."""
+
+    def __init__(self, config: ServerConfig, engine: Engine) -> None:
+        self.server = Server(config, engine)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-server", daemon=True)
+
+    def start(self, warm_up: bool = True) -> str:
+        self._thread.start()
+        port = self.call(self.server.start())
+        if warm_up:
+            self.call(self.server.warm_up())
+        return f"{self.server.config.api.host}:{port}"
+
+    def call(self, coro: Any, timeout: float | None = 120.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        self.call(self.server.drain(drain_timeout))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

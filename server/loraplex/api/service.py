@@ -1,0 +1,322 @@
+"""The LoraPlex gRPC service: generation, streaming, and adapter management."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from loraplex import __version__
+from loraplex.api.auth import current_caller, resolve_adapter_id
+from loraplex.api.engine_loop import EngineLoop
+from loraplex.api.errors import ApiError, invalid, status_of
+from loraplex.api.validation import GenerateArgs, parse_generate
+from loraplex.config import ServerConfig
+from loraplex.engine.engine import Engine
+from loraplex.engine.request import RequestOutput
+from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.lora.adapter_store import AdapterInfo, check_adapter_id
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORTED}
+TIERS = {"registered": pb.ADAPTER_TIER_REGISTERED, "host": pb.ADAPTER_TIER_HOST, "device": pb.ADAPTER_TIER_DEVICE}
+UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+UPLOAD_DIR = ".uploads"
+UNLOAD_POLL_S = 0.05
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+    code, message = status_of(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method, exc_info=error)
+    await context.abort(code, message)
+
+
+def unary(method: F) -> F:
+    """Map exceptions of a unary handler to statuses."""
+
+    @functools.wraps(method)
+    async def run(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            await _abort(context, e, method.__name__)
+
+    return run  # type: ignore[return-value]
+
+
+def streaming(method: F) -> F:
+    """Map exceptions of a streaming handler to statuses."""
+
+    @functools.wraps(method)
+    async def run(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            await _abort(context, e, method.__name__)
+
+    return run  # type: ignore[return-value]
+
+
+def _usage(out: RequestOutput, started: float) -> pb.Usage:
+    u = out.usage
+    if u is None:
+        return pb.Usage(total_time_s=time.monotonic() - started)
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens,
+        generated_tokens=u.generated_tokens,
+        queue_time_s=u.queue_time_s,
+        time_to_first_token_s=u.time_to_first_token_s or 0.0,
+        total_time_s=time.monotonic() - started,
+    )
+
+
+def _final_error(out: RequestOutput) -> ApiError | None:
+    """The status a finished request ends its call with, if not OK."""
+    if out.finish_reason == "error":
+        if out.error_kind == "adapter":
+            return ApiError(grpc.StatusCode.FAILED_PRECONDITION, out.error or "adapter failed to load")
+        return ApiError(grpc.StatusCode.INTERNAL, out.error or f"internal error in request {out.request_id}")
+    if out.finish_reason == "abort" and out.error:
+        code = grpc.StatusCode.UNAVAILABLE if "shutting down" in out.error else grpc.StatusCode.ABORTED
+        return ApiError(code, f"request {out.request_id}: {out.error}")
+    return None
+
+
+class LoraPlexService(pb_grpc.LoraPlexServicer):
+    def __init__(self, engine_loop: EngineLoop, config: ServerConfig) -> None:
+        self.loop = engine_loop
+        self.engine: Engine = engine_loop.engine
+        self.config = config
+        self.ready = False
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _args(self, request: pb.GenerateRequest) -> GenerateArgs:
+        args = parse_generate(request, vocab_size=self.engine.loaded.vocab_size, max_model_len=self.engine.max_model_len)
+        if args.adapter_id is not None:
+            adapter_id = resolve_adapter_id(current_caller(), args.adapter_id)
+            args = GenerateArgs(args.prompt, args.prompt_token_ids, adapter_id, args.params, args.request_id)
+        return args
+
+    @unary
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        started = time.monotonic()
+        args = self._args(request)
+        text: list[str] = []
+        tokens: list[int] = []
+        async for out in self.loop.stream(args):
+            text.append(out.new_text)
+            tokens.extend(out.new_token_ids)
+            if out.finished:
+                error = _final_error(out)
+                if error is not None:
+                    raise error
+                return pb.GenerateResponse(
+                    request_id=out.request_id,
+                    text="".join(text),
+                    token_ids=tokens,
+                    finish_reason=FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+                    usage=_usage(out, started),
+                    adapter_id=args.adapter_id or "",
+                    adapter_version=self._version_of(args.adapter_id),
+                )
+        raise ApiError(grpc.StatusCode.INTERNAL, "the request ended without a final output")
+
+    @streaming
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        started = time.monotonic()
+        args = self._args(request)
+        async for out in self.loop.stream(args):
+            if not out.finished:
+                if out.new_token_ids or out.new_text:
+                    yield pb.GenerateStreamResponse(request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids)
+                continue
+            error = _final_error(out)
+            if error is not None:
+                raise error
+            yield pb.GenerateStreamResponse(
+                request_id=out.request_id,
+                text=out.new_text,
+                token_ids=out.new_token_ids,
+                finish_reason=FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+                usage=_usage(out, started),
+            )
+
+    def _version_of(self, adapter_id: str | None) -> int:
+        if adapter_id is None:
+            return 0
+        try:
+            return self.engine.store.get(adapter_id).version
+        except KeyError:
+            return 0  # unloaded since
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def _adapter_id(self, adapter_id: str) -> str:
+        if not adapter_id:
+            raise invalid("adapter_id", "is required")
+        check_adapter_id(adapter_id)
+        return resolve_adapter_id(current_caller(), adapter_id)
+
+    def _info(self, info: AdapterInfo) -> pb.AdapterInfo:
+        path = info.path
+        for root in self.engine.store.roots:
+            if Path(path).is_relative_to(root):
+                path = str(Path(path).relative_to(root))
+                break
+        s = info.stats
+        return pb.AdapterInfo(
+            adapter_id=info.adapter_id,
+            version=info.version,
+            tier=TIERS[info.tier],
+            rank=info.rank,
+            target_modules=list(info.target_modules),
+            host_bytes=info.host_bytes,
+            pinned=info.pinned,
+            loading=info.loading,
+            error=info.error or "",
+            active_requests=info.active_requests,
+            content_hash=info.content_hash,
+            path=path,
+            stats=pb.AdapterStats(
+                requests=s.requests, host_hits=s.host_hits, host_misses=s.host_misses, device_hits=s.device_hits,
+                device_misses=s.device_misses, loads=s.loads, evictions=s.evictions, last_used_unix=s.last_used,
+                last_load_s=s.last_load_s,
+            ),
+        )
+
+    @unary
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
+        adapter_id = self._adapter_id(request.adapter_id)
+        if not request.path:
+            raise invalid("path", "is required (a directory relative to the adapter root)")
+        store = self.engine.store
+        # Reading and hashing the files is disk work: off the event loop.
+        await asyncio.to_thread(store.register, adapter_id, request.path, pin=request.pin, relative_only=True)
+        self.engine.wake()
+        return self._info(store.get(adapter_id))
+
+    @unary
+    async def UploadAdapter(
+        self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context: grpc.aio.ServicerContext
+    ) -> pb.AdapterInfo:
+        store = self.engine.store
+        if not store.roots:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "no adapter root is configured for uploads")
+        limit = self.config.engine.lora.max_upload_bytes
+        uploads = store.roots[0] / UPLOAD_DIR
+        uploads.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=uploads))
+        try:
+            header: pb.UploadAdapterHeader | None = None
+            received = 0
+            files: dict[str, Any] = {}
+            async for part in request_iterator:
+                if part.HasField("header"):
+                    if header is not None:
+                        raise invalid("header", "sent twice")
+                    header = part.header
+                    continue
+                if header is None:
+                    raise invalid("header", "the first message must be the header with adapter_id")
+                chunk = part.chunk
+                if chunk.filename not in UPLOAD_FILES:
+                    raise invalid("chunk.filename", f"{chunk.filename!r}: only {' and '.join(UPLOAD_FILES)} are accepted")
+                received += len(chunk.data)
+                if received > limit:
+                    raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"upload larger than the limit of {limit} bytes")
+                if chunk.filename not in files:
+                    files[chunk.filename] = (tmp / chunk.filename).open("wb")
+                files[chunk.filename].write(chunk.data)
+            for fh in files.values():
+                fh.close()
+            if header is None:
+                raise invalid("header", "missing")
+            adapter_id = self._adapter_id(header.adapter_id)
+            missing = [f for f in UPLOAD_FILES if f not in files]
+            if missing:
+                raise invalid("chunk.filename", f"missing {', '.join(missing)}")
+            # Immutable, content-addressed home: an older version stays readable while in use.
+            digest = await asyncio.to_thread(_digest, tmp)
+            final = uploads / adapter_id / digest
+            if not final.exists():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp.rename(final)
+            rel = final.relative_to(store.roots[0])
+            await asyncio.to_thread(store.register, adapter_id, str(rel), pin=header.pin, relative_only=True)
+            self.engine.wake()
+            return self._info(store.get(adapter_id))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @unary
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
+        adapter_id = self._adapter_id(request.adapter_id)
+        version = self.engine.unregister_adapter(adapter_id, force=request.force)
+        in_use = version.requests
+        # New requests already get NOT_FOUND; wait for the ones holding it (or their abort).
+        while version.requests > 0:
+            await asyncio.sleep(UNLOAD_POLL_S)
+        return pb.UnloadAdapterResponse(adapter_id=adapter_id, aborted_requests=in_use if request.force else 0)
+
+    @unary
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
+        return pb.ListAdaptersResponse(adapters=[self._info(i) for i in self.engine.store.infos()])
+
+    @unary
+    async def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
+        return self._info(self.engine.store.get(self._adapter_id(request.adapter_id)))
+
+    @unary
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        e, c = self.engine, self.config.engine
+        return pb.ModelInfo(
+            model=e.loaded.path,
+            model_type=e.loaded.model_type,
+            quantization=e.loaded.quantization,
+            dtype=str(e.loaded.dtype).removeprefix("torch."),
+            device=str(e.loaded.device),
+            max_model_len=e.max_model_len,
+            vocab_size=e.loaded.vocab_size,
+            max_loras=c.lora.max_loras,
+            max_lora_rank=c.lora.max_lora_rank,
+            max_num_seqs=c.scheduler.max_num_seqs,
+            num_kv_blocks=e.blocks.num_blocks,
+            block_size=e.blocks.block_size,
+            server_version=__version__,
+            ready=self.ready,
+        )
+
+
+def _digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for name in UPLOAD_FILES:
+        with (directory / name).open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]

@@ -1,0 +1,203 @@
+"""Building the ServerConfig from flags, LORAPLEX_* environment variables and a TOML file.
+
+Every option is declared once in OPTIONS; precedence is flag > environment > file > default.
+The file uses the option names with underscores (`max_loras = 16`), at top level or in any
+table (`[lora]`). Lists come as repeated flags, TOML arrays, or comma-separated env values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.config import (
+    ApiConfig,
+    CacheConfig,
+    EngineConfig,
+    LoraConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
+
+ENV_PREFIX = "LORAPLEX_"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str  # flag --name-with-dashes, env LORAPLEX_NAME, file key name
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    many: bool = False  # a list
+    secret: bool = False
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", str, None, "local Hugging Face model directory, or 'demo' to build / reuse the demo model"),
+    Option("quantization", str, "nf4", "base weights: NF4 (bitsandbytes) or as stored", ("nf4", "none")),
+    Option("dtype", str, "auto", "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)", ("auto", "bfloat16", "float16", "float32")),
+    Option("device", str, "auto", "where the model runs", ("auto", "cpu", "cuda")),
+    Option("max_model_len", int, None, "longest prompt + output (default: the model's, capped at 4096)"),
+    Option("block_size", int, 16, "tokens per KV-cache block"),
+    Option("num_kv_blocks", int, None, "KV-cache blocks (default: fit max_num_seqs full sequences in memory)"),
+    Option("kv_memory_fraction", float, 0.85, "CUDA: share of free memory for the KV cache"),
+    Option("max_num_seqs", int, 64, "running sequences per step"),
+    Option("max_num_batched_tokens", int, 2048, "tokens per step (prompts are chunked to fit)"),
+    Option("max_waiting", int, 1024, "queued requests before RESOURCE_EXHAUSTED"),
+    Option("adapter_aging_s", float, 2.0, "a request waiting this long for a device slot is served first"),
+    Option("max_loras", int, 8, "device adapter slots"),
+    Option("max_lora_rank", int, 16, "largest adapter rank"),
+    Option("max_host_adapter_bytes", int, 2 << 30, "host-tier budget for validated adapter tensors"),
+    Option("adapter_root", str, (), "directory adapters are loaded from (repeatable)", many=True),
+    Option("auto_register", bool, True, "let a request name an adapter directory under the root without loading it first"),
+    Option("max_upload_bytes", int, 1 << 30, "largest UploadAdapter payload"),
+    Option("preload", str, (), "ID=RELPATH adapter to load at start-up (repeatable)", many=True),
+    Option("host", str, "127.0.0.1", "gRPC listen address"),
+    Option("port", int, 50051, "gRPC port"),
+    Option("metrics_port", int, 9400, "Prometheus /metrics port (0: off)"),
+    Option("drain_timeout", float, 30.0, "seconds in-flight streams get to finish on SIGTERM"),
+    Option("heartbeat_timeout", float, 30.0, "readiness turns NOT_SERVING when an engine step runs longer"),
+    Option("auth_token", str, (), "bearer token accepted from callers (repeatable; none: no auth)", many=True, secret=True),
+    Option("seed", int, 0, "seed for requests without one"),
+    Option("log_format", str, "text", "log line format", ("text", "json")),
+    Option("log_level", str, "info", "log level", ("debug", "info", "warning", "error")),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (flags and LORAPLEX_* variables override it)")
+    for o in OPTIONS:
+        flag = "--" + o.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": o.name, "default": None, "help": o.help}
+        if o.many:
+            kwargs["action"] = "append"
+        elif o.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = o.type
+        if o.choices:
+            kwargs["choices"] = o.choices
+        parser.add_argument(flag, **kwargs)
+
+
+def _convert(option: Option, value: Any, source: str) -> Any:
+    """A value from the environment (str) or the file (TOML types) as the option's type."""
+    try:
+        if option.many:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if option.type is bool and isinstance(value, str):
+            low = value.strip().lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(f"not a boolean: {value!r}")
+            return low in ("1", "true", "yes", "on")
+        if option.type is bool and not isinstance(value, bool):
+            raise ValueError(f"not a boolean: {value!r}")
+        converted = option.type(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{option.name} (from {source}): {e}") from None
+    if option.choices and converted not in option.choices:
+        raise ValueError(f"{option.name} (from {source}): {converted!r} is not one of {', '.join(option.choices)}")
+    return converted
+
+
+def _file_values(path: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"config file {path}: {e}") from None
+    flat: dict[str, Any] = {}
+
+    def walk(table: Mapping[str, Any], where: str) -> None:
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if isinstance(value, dict):
+                walk(value, f"{where}{key}.")
+            elif name in BY_NAME:
+                flat[name] = _convert(BY_NAME[name], value, f"{path}: {where}{key}")
+            else:
+                raise ValueError(f"config file {path}: unknown option {where}{key}")
+
+    walk(data, "")
+    return flat
+
+
+def resolve(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Option name -> value, with flag > env > file > default."""
+    environ = os.environ if environ is None else environ
+    ns = vars(args) if args is not None else {}
+    config_file = ns.get("config") or environ.get(ENV_PREFIX + "CONFIG")
+    values = {o.name: o.default for o in OPTIONS}
+    if config_file:
+        values.update(_file_values(config_file))
+    for o in OPTIONS:
+        raw = environ.get(ENV_PREFIX + o.name.upper())
+        if raw is not None:
+            values[o.name] = _convert(o, raw, f"${ENV_PREFIX}{o.name.upper()}")
+    for o in OPTIONS:
+        flag_value = ns.get(o.name)
+        if flag_value is not None:
+            values[o.name] = tuple(flag_value) if o.many else flag_value
+    return values
+
+
+def parse_preload(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        adapter_id, sep, path = item.partition("=")
+        if not sep or not adapter_id or not path:
+            raise ValueError(f"preload: {item!r} must be ID=RELPATH")
+        out[adapter_id] = path
+    return out
+
+
+def build_config(values: Mapping[str, Any]) -> ServerConfig:
+    if not values.get("model"):
+        raise ValueError("model: required (a model directory, or 'demo')")
+    return ServerConfig(
+        engine=EngineConfig(
+            model=ModelConfig(
+                values["model"], values["quantization"], values["dtype"], values["device"], values["max_model_len"]
+            ),
+            cache=CacheConfig(values["block_size"], values["num_kv_blocks"], values["kv_memory_fraction"]),
+            scheduler=SchedulerConfig(
+                values["max_num_seqs"], values["max_num_batched_tokens"], values["max_waiting"], values["adapter_aging_s"]
+            ),
+            lora=LoraConfig(
+                max_loras=values["max_loras"],
+                max_lora_rank=values["max_lora_rank"],
+                max_host_adapter_bytes=values["max_host_adapter_bytes"],
+                adapter_roots=tuple(values["adapter_root"]),
+                auto_register=values["auto_register"],
+                max_upload_bytes=values["max_upload_bytes"],
+            ),
+            seed=values["seed"],
+        ),
+        api=ApiConfig(
+            host=values["host"],
+            port=values["port"],
+            metrics_port=values["metrics_port"],
+            drain_timeout_s=values["drain_timeout"],
+            heartbeat_timeout_s=values["heartbeat_timeout"],
+            auth_tokens=tuple(values["auth_token"]),
+        ),
+    )
+
+
+def describe(values: Mapping[str, Any]) -> str:
+    """One line per option for the start-up log, secrets masked."""
+    lines = []
+    for o in OPTIONS:
+        value = values.get(o.name)
+        if o.secret and value:
+            value = ["****"] * len(value) if o.many else "****"
+        lines.append(f"  {o.name} = {value!r}")
+    return "\n".join(lines)
