@@ -32,6 +32,9 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.engine_bench
 

@@ -1,0 +1,58 @@
+"""loraplex client SDK: blocking (Client) and asyncio (AsyncClient) over gRPC.
+
+Needs only grpcio and protobuf. Results are plain dataclasses (types.py); failed calls
+raise LoraplexError subclasses (errors.py).
+"""
+
+from loraplex_client.aio import AsyncClient
+from loraplex_client.client import Client
+from loraplex_client.errors import (
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    AuthenticationError,
+    DeadlineExceededError,
+    InternalServerError,
+    InvalidRequestError,
+    LoraplexError,
+    OverloadedError,
+    PermissionDeniedError,
+    RequestCancelledError,
+    RequestConflictError,
+    ServerUnavailableError,
+)
+from loraplex_client.stream import AsyncGenerateStream, GenerateStream
+from loraplex_client.types import (
+    AdapterInfo,
+    AdapterStats,
+    GenerateChunk,
+    GenerateResult,
+    ModelInfo,
+    UnloadResult,
+    Usage,
+)
+
+__all__ = [
+    "AdapterIncompatibleError",
+    "AdapterInfo",
+    "AdapterNotFoundError",
+    "AdapterStats",
+    "AsyncClient",
+    "AsyncGenerateStream",
+    "AuthenticationError",
+    "Client",
+    "DeadlineExceededError",
+    "GenerateChunk",
+    "GenerateResult",
+    "GenerateStream",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LoraplexError",
+    "ModelInfo",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "RequestCancelledError",
+    "RequestConflictError",
+    "ServerUnavailableError",
+    "UnloadResult",
+    "Usage",
+]

@@ -50,6 +50,9 @@ class FakeSlots:
     def on_device(self, adapter: object) -> bool:
         return getattr(adapter, "slot", None) is not None
 
+    def loaded(self, adapter: object) -> bool:
+        return bool(getattr(adapter, "ready", False))
+
 
 def _scheduler(num_blocks: int = 100, slots: int = 2, **config: object) -> Scheduler:
     return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, 4), FakeSlots(slots), max_model_len=1000)  # type: ignore[arg-type]

@@ -46,6 +46,10 @@ class AdapterSlots(Protocol):
 
     def on_device(self, adapter: object) -> bool: ...
 
+    def loaded(self, adapter: object) -> bool:
+        """In host memory (or on the device): a slot is all it still needs."""
+        ...
+
 
 @dataclass(slots=True)
 class ScheduledBatch:
@@ -173,12 +177,17 @@ class Scheduler:
         self.waiting = kept
 
     def _starving_adapter(self, now: float) -> object | None:
-        """The adapter of the oldest request that has waited past the aging bound for a slot."""
+        """The adapter of the oldest request that has waited past the aging bound for a slot.
+
+        Only an adapter already in host memory counts: one still loading needs host room,
+        which other adapters free by moving to the device, so holding them back would deadlock.
+        """
         for request in self.waiting:
             if now - request.arrival_time < self.config.adapter_aging_s:
                 return None  # the queue is in arrival order (preempted ones first)
-            if request.adapter is not None and not self.adapters.on_device(request.adapter):
-                return request.adapter
+            adapter = request.adapter
+            if adapter is not None and not self.adapters.on_device(adapter) and self.adapters.loaded(adapter):
+                return adapter
         return None
 
     # -- leaving -------------------------------------------------------------------------

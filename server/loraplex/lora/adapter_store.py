@@ -344,6 +344,9 @@ class AdapterStore:
     def on_device(self, adapter: object) -> bool:
         return getattr(adapter, "slot", None) is not None
 
+    def loaded(self, adapter: object) -> bool:
+        return getattr(adapter, "weights", None) is not None or getattr(adapter, "slot", None) is not None
+
     def failure(self, adapter: object) -> str:
         return getattr(adapter, "error", None) or "adapter failed to load"
 

@@ -22,8 +22,12 @@ the Triton kernels in triton_ops.py implement the segment form.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from loraplex.lora.triton_ops import TritonBatch
 
 # Dense form while tokens × slots in use stays below this (tuned on the CPU bench model).
 DENSE_MAX_TOKEN_SLOTS = 2048
@@ -47,7 +51,7 @@ class LoraBatch:
     num_slots: int = 0  # dense: slots [0, num_slots) are stacked
     rank: int = 0  # dense: r_max of the pool
     token_mask: torch.Tensor | None = None  # dense: [T, num_slots * r_max], 1 on the token's slot block
-    triton: object | None = None  # CUDA: kernel metadata (triton_ops.TritonBatch)
+    triton: TritonBatch | None = None  # CUDA: kernel metadata
 
     @property
     def active(self) -> bool:

@@ -1,0 +1,177 @@
+"""Between the SDK's Python values and the generated protobuf messages, in both directions.
+
+The only module besides the clients that touches loraplex_pb2, so the types users see
+(types.py) stay plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_client.errors import InvalidRequestError
+from loraplex_client.types import (
+    AdapterInfo,
+    AdapterStats,
+    GenerateChunk,
+    GenerateResult,
+    ModelInfo,
+    UnloadResult,
+    Usage,
+)
+
+_REPEATED = frozenset({"prompt_token_ids", "stop", "stop_token_ids"})
+
+_FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORTED: "aborted",
+}
+
+_TIERS = {
+    pb.ADAPTER_TIER_REGISTERED: "registered",
+    pb.ADAPTER_TIER_HOST: "host",
+    pb.ADAPTER_TIER_DEVICE: "device",
+}
+
+
+def generate_request(
+    prompt: str | None,
+    *,
+    prompt_token_ids: Sequence[int] | None,
+    adapter_id: str | None,
+    max_new_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    stop_token_ids: Sequence[int] | None,
+    ignore_eos: bool,
+    repetition_penalty: float | None,
+    request_id: str | None,
+) -> pb.GenerateRequest:
+    """A GenerateRequest holding only the fields the caller set.
+
+    None leaves a field unset: for the proto's `optional` fields that is what lets the
+    server apply its own default, and an explicit 0 (temperature=0, seed=0) still counts
+    as set. Values the proto cannot hold raise InvalidRequestError naming the field,
+    as the server would.
+    """
+    if isinstance(stop, str):  # one stop string, not one per character
+        stop = [stop]
+    fields = {
+        "prompt": prompt,
+        "prompt_token_ids": prompt_token_ids,
+        "adapter_id": adapter_id,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop": stop,
+        "stop_token_ids": stop_token_ids,
+        "ignore_eos": ignore_eos,
+        "repetition_penalty": repetition_penalty,
+        "request_id": request_id,
+    }
+    request = pb.GenerateRequest()
+    for name, value in fields.items():
+        if value is None:
+            continue
+        try:
+            if name in _REPEATED:
+                getattr(request, name).extend(value)
+            else:
+                setattr(request, name, value)
+        except (TypeError, ValueError) as e:
+            # protobuf's own message ("Value out of range: -1") does not say which field.
+            raise InvalidRequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e}") from e
+    return request
+
+
+def usage(message: pb.Usage) -> Usage:
+    return Usage(
+        prompt_tokens=message.prompt_tokens,
+        generated_tokens=message.generated_tokens,
+        queue_time_s=message.queue_time_s,
+        time_to_first_token_s=message.time_to_first_token_s,
+        total_time_s=message.total_time_s,
+    )
+
+
+def generate_result(message: pb.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        request_id=message.request_id,
+        text=message.text,
+        token_ids=list(message.token_ids),
+        finish_reason=_FINISH_REASONS.get(message.finish_reason, "unknown"),
+        usage=usage(message.usage),
+        adapter_id=message.adapter_id or None,
+        adapter_version=message.adapter_version,
+    )
+
+
+def generate_chunk(message: pb.GenerateStreamResponse) -> GenerateChunk:
+    unfinished = message.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    return GenerateChunk(
+        request_id=message.request_id,
+        text=message.text,
+        token_ids=list(message.token_ids),
+        finish_reason=None if unfinished else _FINISH_REASONS.get(message.finish_reason, "unknown"),
+        usage=usage(message.usage) if message.HasField("usage") else None,
+    )
+
+
+def adapter_info(message: pb.AdapterInfo) -> AdapterInfo:
+    s = message.stats
+    return AdapterInfo(
+        adapter_id=message.adapter_id,
+        version=message.version,
+        tier=_TIERS.get(message.tier, "unknown"),
+        rank=message.rank,
+        target_modules=list(message.target_modules),
+        host_bytes=message.host_bytes,
+        pinned=message.pinned,
+        loading=message.loading,
+        error=message.error or None,
+        active_requests=message.active_requests,
+        content_hash=message.content_hash,
+        path=message.path,
+        stats=AdapterStats(
+            requests=s.requests,
+            host_hits=s.host_hits,
+            host_misses=s.host_misses,
+            device_hits=s.device_hits,
+            device_misses=s.device_misses,
+            loads=s.loads,
+            evictions=s.evictions,
+            last_used_unix=s.last_used_unix,
+            last_load_s=s.last_load_s,
+        ),
+    )
+
+
+def unload_result(message: pb.UnloadAdapterResponse) -> UnloadResult:
+    return UnloadResult(adapter_id=message.adapter_id, aborted_requests=message.aborted_requests)
+
+
+def model_info(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        model=message.model,
+        model_type=message.model_type,
+        quantization=message.quantization,
+        dtype=message.dtype,
+        device=message.device,
+        max_model_len=message.max_model_len,
+        vocab_size=message.vocab_size,
+        max_loras=message.max_loras,
+        max_lora_rank=message.max_lora_rank,
+        max_num_seqs=message.max_num_seqs,
+        num_kv_blocks=message.num_kv_blocks,
+        block_size=message.block_size,
+        server_version=message.server_version,
+        ready=message.ready,
+    )

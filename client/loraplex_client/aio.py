@@ -1,0 +1,211 @@
+"""The asyncio client: the same API as Client (client.py), over a grpc.aio channel.
+
+    async with AsyncClient("localhost:50051") as client:
+        result = await client.generate("Hello", adapter_id="acme/support-v3")
+        async for chunk in client.generate_stream("Hello", max_new_tokens=32):
+            print(chunk.text, end="")
+
+Create it inside the event loop that will use it: a grpc.aio channel belongs to one loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from loraplex_client import _convert, _health, _upload
+from loraplex_client._channel import auth_metadata, channel_credentials, deadline
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+from loraplex_client.client import HEALTH_TIMEOUT_S
+from loraplex_client.errors import error_from_rpc
+from loraplex_client.stream import AsyncGenerateStream
+from loraplex_client.types import AdapterInfo, GenerateResult, ModelInfo, UnloadResult
+
+
+class AsyncClient:
+    """asyncio loraplex client. token, tls and timeout, the methods and the errors they raise
+    are Client's; generate_stream returns an async iterator.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool | grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        credentials = channel_credentials(tls)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials)
+        self._stub = pb_grpc.LoraPlexStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.HealthCheckRequest.SerializeToString,
+            response_deserializer=_health.HealthCheckResponse.FromString,
+        )
+        self._metadata = auth_metadata(token)
+        self._timeout = timeout
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=deadline(timeout, self._timeout), metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: Sequence[int] | None = None,
+        adapter_id: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        repetition_penalty: float | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Run one request to completion. Arguments left None take the server's defaults."""
+        request = _convert.generate_request(
+            prompt,
+            prompt_token_ids=prompt_token_ids,
+            adapter_id=adapter_id,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            repetition_penalty=repetition_penalty,
+            request_id=request_id,
+        )
+        return _convert.generate_result(await self._call(self._stub.Generate, request, timeout))
+
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: Sequence[int] | None = None,
+        adapter_id: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        repetition_penalty: float | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerateStream:
+        """Start a request and iterate its chunks as the engine produces them.
+
+        Leaving the iteration early cancels the request on the server (see stream.py);
+        timeout bounds the whole stream, not each chunk.
+        """
+        request = _convert.generate_request(
+            prompt,
+            prompt_token_ids=prompt_token_ids,
+            adapter_id=adapter_id,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            repetition_penalty=repetition_penalty,
+            request_id=request_id,
+        )
+        call = self._stub.GenerateStream(
+            request, timeout=deadline(timeout, self._timeout), metadata=self._metadata
+        )
+        return AsyncGenerateStream(call)
+
+    async def load_adapter(
+        self, adapter_id: str, path: str, pin: bool = False, *, timeout: float | None = None
+    ) -> AdapterInfo:
+        """Register a PEFT LoRA directory that lies under the server's adapter root."""
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path, pin=pin)
+        return _convert.adapter_info(await self._call(self._stub.LoadAdapter, request, timeout))
+
+    async def upload_adapter(
+        self,
+        adapter_id: str,
+        local_dir: str | Path,
+        pin: bool = False,
+        chunk_size: int = 1 << 20,
+        *,
+        timeout: float | None = None,
+    ) -> AdapterInfo:
+        """Send a local PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
+
+        Raises FileNotFoundError, before anything is sent, when either file is missing.
+        """
+        _upload.check_chunk_size(chunk_size)
+        files = _upload.adapter_files(local_dir)
+        # grpc.aio takes the plain generator too; its reads are chunk_size bytes of local
+        # disk, short enough not to need a thread.
+        requests = _upload.upload_requests(adapter_id, files, pin, chunk_size)
+        return _convert.adapter_info(await self._call(self._stub.UploadAdapter, requests, timeout))
+
+    async def unload_adapter(
+        self, adapter_id: str, force: bool = False, *, timeout: float | None = None
+    ) -> UnloadResult:
+        """Forget an adapter; its running requests finish first unless force aborts them."""
+        request = pb.UnloadAdapterRequest(adapter_id=adapter_id, force=force)
+        return _convert.unload_result(await self._call(self._stub.UnloadAdapter, request, timeout))
+
+    async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        response = await self._call(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
+        return [_convert.adapter_info(a) for a in response.adapters]
+
+    async def get_adapter(self, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
+        request = pb.GetAdapterRequest(adapter_id=adapter_id)
+        return _convert.adapter_info(await self._call(self._stub.GetAdapter, request, timeout))
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        response = await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+        return _convert.model_info(response)
+
+    async def health(self, *, timeout: float | None = None) -> bool:
+        """True once the server is ready to serve (warmed up); False when unreachable or not ready."""
+        request = _health.HealthCheckRequest(service=_health.READY_SERVICE)
+        default = HEALTH_TIMEOUT_S if self._timeout is None else self._timeout
+        try:
+            response = await self._health_check(
+                request, timeout=deadline(timeout, default), metadata=self._metadata
+            )
+        except grpc.RpcError:
+            # Unreachable, still warming up, or no health service: all mean "not ready".
+            return False
+        return bool(response.status == _health.SERVING)
+
+    async def close(self) -> None:
+        """Close the channel; calls still running end with RequestCancelledError."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,99 @@
+"""What the SDK returns: plain frozen dataclasses, so callers never touch protobuf types.
+
+Enums arrive as strings: finish_reason is "stop" | "length" | "aborted", an adapter's tier
+is "registered" | "host" | "device" (values a newer server adds read as "unknown").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    generated_tokens: int
+    queue_time_s: float  # arrival to first scheduled
+    time_to_first_token_s: float  # arrival to first token
+    total_time_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    """One finished request (Client.generate)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "aborted"
+    usage: Usage
+    adapter_id: str | None  # None: the base model
+    adapter_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateChunk:
+    """One message of Client.generate_stream: the new text and token ids of an engine step.
+
+    finish_reason and usage are set on the last chunk only (None before it).
+    """
+
+    request_id: str
+    text: str  # a delta; never a broken character
+    token_ids: list[int]  # the new ids only
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterStats:
+    requests: int
+    host_hits: int
+    host_misses: int
+    device_hits: int
+    device_misses: int
+    loads: int
+    evictions: int
+    last_used_unix: float
+    last_load_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    adapter_id: str
+    version: int  # increases when the id is re-loaded with new content
+    tier: str  # "registered" | "host" | "device"
+    rank: int
+    target_modules: list[str]
+    host_bytes: int
+    pinned: bool
+    loading: bool
+    error: str | None  # why the adapter could not be loaded, if it could not
+    active_requests: int
+    content_hash: str
+    path: str  # relative to the server's adapter root
+    stats: AdapterStats
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadResult:
+    adapter_id: str
+    aborted_requests: int  # requests ended by force=True
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    model: str
+    model_type: str
+    quantization: str
+    dtype: str
+    device: str
+    max_model_len: int
+    vocab_size: int
+    max_loras: int
+    max_lora_rank: int
+    max_num_seqs: int
+    num_kv_blocks: int
+    block_size: int
+    server_version: str
+    ready: bool
