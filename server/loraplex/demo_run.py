@@ -1,65 +1,116 @@
-"""The main job: one base, several adapters and the base model streaming in one batch.
+"""The main job: a real server, several adapters and the base model streaming in one batch.
 
-Every adapter of the demo was trained to answer the same question its own way; the demo
-sends the question once per adapter and once to the base, in one mixed batch, prints the
-streams as the tokens arrive, and checks that each answer is its adapter's own.
+Every adapter of the demo was trained to answer the same question its own way. The demo
+starts `loraplex serve` on the demo model, loads the adapters at runtime through the API,
+sends the question once per adapter and once to the base model at the same time through
+the client SDK, prints the streams as the tokens arrive, checks that each answer is its
+adapter's own, shows the adapter tiers, and stops the server with SIGTERM.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from loraplex.config import EngineConfig, LoraConfig, ModelConfig
-from loraplex.engine.request import SamplingParams
+from loraplex_client import Client
+
+SERVER_START_TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_server(root: Path, port: int, quantization: str, log_path: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "loraplex.cli", "serve",
+        "--model", str(root / "model"), "--adapter-root", str(root / "adapters"),
+        "--quantization", quantization, "--port", str(port), "--metrics-port", "0",
+        "--max-loras", "4", "--log-level", "info",
+    ]
+    log = log_path.open("wb")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_ready(client: Client, server: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not client.health(timeout=1.0):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not become ready; its log:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.2)
 
 
 def run_demo(workdir: Path, quantization: str = "nf4") -> int:
-    from loraplex.engine.engine import Engine
     from loraplex.model.demo import make_demo
 
     root = make_demo(workdir)
     info = json.loads((root / "demo.json").read_text())
     question, answers = info["question"], info["adapters"]
-    engine = Engine(
-        EngineConfig(
-            model=ModelConfig(str(root / "model"), quantization=quantization),  # type: ignore[arg-type]
-            lora=LoraConfig(max_loras=4, adapter_roots=(str(root / "adapters"),)),
-        )
-    )
-    names: list[str | None] = [*answers, None]
-    params = SamplingParams(max_new_tokens=24)
-    print(f"\nquestion: {question!r} -> {len(names)} streams in one batch ({', '.join(n or 'base' for n in names)})\n")
-    ids = {engine.add_request(question, params, adapter_id=name): name for name in names}
-    texts = {rid: "" for rid in ids}
-    start = time.perf_counter()
-    finished: set[str] = set()
-    while len(finished) < len(ids):
-        outputs = engine.step()
-        if not outputs:
-            engine.wait_for_work(0.01)
-        for out in outputs:
-            texts[out.request_id] += out.new_text
-            label = ids[out.request_id] or "base"
-            if out.new_text:
-                print(f"  [{label:>6}] +{out.new_text!r}", flush=True)
-            if out.finished:
-                finished.add(out.request_id)
-    elapsed = time.perf_counter() - start
-    engine.close()
+    port = _free_port()
+    log_path = root / "server.log"
+    print(f"starting loraplex serve on 127.0.0.1:{port} (log: {log_path})")
+    server = _start_server(root, port, quantization, log_path)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            _wait_ready(client, server, log_path)
+            model = client.model_info()
+            print(f"ready: {model.model_type} {model.quantization} {model.dtype} on {model.device}, {model.max_loras} adapter slots")
+            for name in answers:
+                loaded = client.load_adapter(name, name)
+                print(f"  loaded adapter {loaded.adapter_id!r} (rank {loaded.rank}, {', '.join(loaded.target_modules)})")
+            ok = _stream_all(client, question, answers)
+            print("\nadapter tiers:")
+            for a in client.list_adapters():
+                print(f"  {a.adapter_id:>6}: {a.tier:<6} requests={a.stats.requests} loads={a.stats.loads}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    print(f"server stopped with SIGTERM (exit {code})")
+    if not ok or code != 0:
+        print("demo: FAILED", file=sys.stderr)
+        return 1
+    print("demo: every answer came from its own adapter")
+    return 0
 
-    print(f"\nanswers ({elapsed:.2f}s for the batch):")
+
+def _stream_all(client: Client, question: str, answers: dict[str, str]) -> bool:
+    names: list[str | None] = [*answers, None]
+    print(f"\nquestion: {question!r} -> {len(names)} concurrent streams ({', '.join(n or 'base' for n in names)})\n")
+    texts: dict[str | None, str] = {}
+    lock = threading.Lock()
+
+    def stream(name: str | None) -> None:
+        text = ""
+        for chunk in client.generate_stream(question, adapter_id=name, max_new_tokens=24):
+            text += chunk.text
+            if chunk.text:
+                with lock:
+                    print(f"  [{name or 'base':>6}] +{chunk.text!r}", flush=True)
+        texts[name] = text
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=stream, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"\nanswers ({time.perf_counter() - start:.2f}s for all streams):")
     ok = True
-    for rid, name in ids.items():
-        text = texts[rid]
-        expected = answers.get(name) if name else None
-        good = text.strip() == expected.strip() if expected else all(text.strip() != a.strip() for a in answers.values())
+    for name in names:
+        text = texts.get(name, "")
+        if name is None:
+            good = bool(text.strip()) and all(text.strip() != a.strip() for a in answers.values())
+        else:
+            good = text.strip() == answers[name].strip()
         ok &= good
         print(f"  {'ok ' if good else 'BAD'} {name or 'base':>6}: {text!r}")
-    if not ok:
-        print("demo: some answers did not come from their adapter", file=sys.stderr)
-        return 1
-    print("\ndemo: every answer came from its own adapter")
-    return 0
+    return ok

@@ -148,7 +148,10 @@ def test_base_request_is_not_delayed_by_adapter_loads(tiny_llama: TinyModel) -> 
     engine.close()
 
 
-def test_reload_mid_traffic_old_requests_keep_old_version(tiny_llama: TinyModel, llama_peft: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("old_state", ["running", "queued"])
+def test_reload_mid_traffic_old_requests_keep_old_version(
+    old_state: str, tiny_llama: TinyModel, llama_peft: Any, tmp_path: Path
+) -> None:
     root = tmp_path / "root"
     _variant(tiny_llama.adapters["all-r8-rslora"], root / "v1", seed=1)
     _variant(tiny_llama.adapters["all-r8-rslora"], root / "v2", seed=2)
@@ -157,7 +160,11 @@ def test_reload_mid_traffic_old_requests_keep_old_version(tiny_llama: TinyModel,
     prompt = [9, 8, 7, 6, 5]
     long = SamplingParams(max_new_tokens=12, ignore_eos=True)
     old = engine.add_request(prompt_token_ids=prompt, params=long, adapter_id="acme/live")
-    outputs = engine.step() + engine.step()  # old is running on v1
+    outputs: list[Any] = []
+    # running: v1 is on the device and old has tokens; queued: v1 may not even be loaded yet
+    while old_state == "running" and not any(o.request_id == old and o.new_token_ids for o in outputs):
+        outputs += engine.step()
+        engine.wait_for_work(0.001)
     info = engine.register_adapter("acme/live", "v2")
     assert info.version == 2
     new = engine.add_request(prompt_token_ids=prompt, params=long, adapter_id="acme/live")

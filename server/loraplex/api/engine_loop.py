@@ -81,7 +81,7 @@ class EngineLoop:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self.engine.abort("")  # wakes the loop
+        self.engine.wake()
         self._thread.join(timeout)
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from loraplex.engine.engine import EngineClosedError, EngineOverloadedError
+from loraplex.engine.engine import DuplicateRequestError, EngineClosedError, EngineOverloadedError
 from loraplex.lora.adapter import AdapterError
 from loraplex.lora.adapter_store import AdapterNotFoundError
 
@@ -30,6 +30,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, AdapterError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    if isinstance(error, DuplicateRequestError):
+        return grpc.StatusCode.ALREADY_EXISTS, str(error)
     if isinstance(error, EngineOverloadedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {error}; retry later"
     if isinstance(error, EngineClosedError):

@@ -10,6 +10,7 @@ Shutdown:  SIGTERM/SIGINT → readiness NOT_SERVING, new calls UNAVAILABLE, in-f
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import threading
@@ -183,7 +184,14 @@ class BackgroundServer:
     def call(self, coro: Any, timeout: float | None = 120.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def stop(self, drain_timeout: float = 0.0) -> None:
-        self.call(self.server.drain(drain_timeout))
+    def begin_drain(self, drain_timeout: float) -> concurrent.futures.Future[None]:
+        """Start draining (as SIGTERM does) without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(self.server.drain(drain_timeout), self._loop)
+
+    def close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        self.call(self.server.drain(drain_timeout))
+        self.close_loop()

@@ -53,6 +53,10 @@ class EngineClosedError(RuntimeError):
     """The engine no longer takes requests."""
 
 
+class DuplicateRequestError(ValueError):
+    """A request with this id is still unfinished."""
+
+
 @dataclass(frozen=True, slots=True)
 class StepStats:
     """What the last step did, for metrics."""
@@ -114,11 +118,11 @@ class Engine:
         self.sampler = Sampler(config.seed)
 
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
-        # (request id, or an adapter version whose requests all end; reason)
-        self._abort_inbox: queue.SimpleQueue[tuple[str | AdapterVersion, str | None]] = queue.SimpleQueue()
-        self._requests: dict[str, Request] = {}  # unfinished, engine thread only
+        # (a request, or an adapter version whose requests all end; reason)
+        self._abort_inbox: queue.SimpleQueue[tuple[Request | AdapterVersion, str | None]] = queue.SimpleQueue()
+        self._requests: dict[str, Request] = {}  # unfinished and drained from the inbox; engine thread only
         self._count_lock = threading.Lock()
-        self._num_unfinished = 0
+        self._live: dict[str, Request] = {}  # every unfinished request by id; under _count_lock
         self._tokenizer_lock = threading.Lock()
         self._ids = itertools.count()
         self._closed = False
@@ -155,11 +159,6 @@ class Engine:
             raise ValueError("request_id must not be empty")
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         version = self.store.resolve(adapter_id) if adapter_id else None
-        with self._count_lock:
-            limit = self.config.scheduler.max_waiting + self.config.scheduler.max_num_seqs
-            if self._num_unfinished >= limit:
-                raise EngineOverloadedError(f"{self._num_unfinished} requests are queued or running (limit {limit})")
-            self._num_unfinished += 1
         request = Request(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -169,6 +168,13 @@ class Engine:
             eos_token_ids=frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
             detokenizer=Detokenizer(self.tokenizer, ids, params.stop),
         )
+        with self._count_lock:
+            limit = self.config.scheduler.max_waiting + self.config.scheduler.max_num_seqs
+            if len(self._live) >= limit:
+                raise EngineOverloadedError(f"{len(self._live)} requests are queued or running (limit {limit})")
+            if request_id in self._live:
+                raise DuplicateRequestError(f"request_id {request_id!r} is already in flight")
+            self._live[request_id] = request
         if version is not None:
             self.store.hold(version)
         self._inbox.put(request)
@@ -191,18 +197,24 @@ class Engine:
         return ids
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
-        """End a request (cancel, deadline); its blocks and slot come back at the next step."""
-        self._abort_inbox.put((request_id, reason))
+        """End a request (cancel, deadline); its blocks and slot come back at the next step.
+
+        Aborts the request that has this id now: a later request reusing the id is not hit.
+        """
+        with self._count_lock:
+            request = self._live.get(request_id)
+        if request is not None:
+            self._abort_inbox.put((request, reason))
         self._wake.set()
 
     # -- the step (engine thread) ---------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return self._num_unfinished > 0
+        return bool(self._live)
 
     @property
     def num_unfinished(self) -> int:
-        return self._num_unfinished
+        return len(self._live)
 
     def wake(self) -> None:
         """Make a sleeping engine loop look at its queues (new adapter, new request)."""
@@ -223,21 +235,36 @@ class Engine:
         num_adapters = 0
         if batch.requests:
             try:
-                result = self.runner.run(batch)
-                tokens = self.sampler(result.logits, result.sampling)
-                num_adapters = result.num_adapters
-            except Exception as e:  # the batch fails; the engine keeps serving
-                log.exception("step failed for %d requests", len(batch))
-                for request in list(batch.requests):
-                    request.error = f"internal error in request {request.request_id}: {type(e).__name__}: {e}"
-                    request.error_kind = "internal"
-                    outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
-            else:
-                outputs.extend(self._postprocess(batch, result.sampling, tokens))
+                num_adapters = self._run(batch, outputs)
+            except Exception:
+                log.exception("step failed for %d requests; running them one by one", len(batch))
+                self._run_isolated(batch, outputs)
         self.last_step = StepStats(
             len(batch), batch.num_tokens, num_adapters, len(batch.preempted), time.perf_counter() - start
         )
         return outputs
+
+    def _run(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> int:
+        result = self.runner.run(batch)
+        tokens = self.sampler(result.logits, result.sampling)
+        outputs.extend(self._postprocess(batch, result.sampling, tokens))
+        return result.num_adapters
+
+    def _run_isolated(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> None:
+        """After a failed step: run each request alone, so only the one that fails ends.
+
+        Re-running is safe: nothing advanced, and the KV rows a failed step wrote are
+        written again.
+        """
+        for request, n in zip(list(batch.requests), list(batch.num_new_tokens)):
+            single = ScheduledBatch(requests=[request], num_new_tokens=[n])
+            try:
+                self._run(single, outputs)
+            except Exception as e:
+                log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
+                request.error = f"internal error in request {request.request_id}: {type(e).__name__}: {e}"
+                request.error_kind = "internal"
+                outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
 
     def _drain_inbox(self) -> list[RequestOutput]:
         while True:
@@ -253,8 +280,8 @@ class Engine:
                 target, reason = self._abort_inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(target, str):
-                victims = [r] if (r := self._requests.get(target)) is not None else []
+            if isinstance(target, Request):
+                victims = [target] if self._requests.get(target.request_id) is target else []
             else:
                 victims = [r for r in self._requests.values() if r.adapter is target]
             for request in victims:
@@ -296,7 +323,8 @@ class Engine:
             self.store.unhold(request.adapter)
         self._requests.pop(request.request_id, None)
         with self._count_lock:
-            self._num_unfinished -= 1
+            if self._live.get(request.request_id) is request:
+                del self._live[request.request_id]
         if status is not RequestStatus.FINISHED_ERROR and status is not RequestStatus.FINISHED_ABORTED:
             text += request.detokenizer.flush()
         if self.on_finish is not None:

@@ -434,7 +434,8 @@ class AdapterStore:
         """The oldest queued version that is still wanted and fits (called with the lock held)."""
         while self._queue:
             version = self._queue[0]
-            wanted = (version.requests > 0 or version.pinned) and version.slot is None and not version.retired
+            # A retired version still loads for the requests that hold it.
+            wanted = (version.requests > 0 or version.pinned) and version.slot is None
             if not wanted or version.weights is not None:
                 self._queue.popleft()
                 version.queued = False

@@ -1,0 +1,314 @@
+"""The real gRPC server on 127.0.0.1, driven through the client SDK.
+
+Tokens are compared with the in-process engine (same base, same adapters); cancel and
+deadline are checked through the engine's own state; each error status is produced."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TinyModel, engine_config, make_adapter
+from loraplex.api.server import BackgroundServer
+from loraplex.config import ApiConfig, SchedulerConfig, ServerConfig
+from loraplex.engine.engine import Engine
+from loraplex_client import (
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    AuthenticationError,
+    Client,
+    DeadlineExceededError,
+    InternalServerError,
+    InvalidRequestError,
+    LoraplexError,
+    OverloadedError,
+    RequestConflictError,
+    ServerUnavailableError,
+)
+
+BASE_ADAPTERS = ["qv-r4", "all-r8-rslora", "all-r16-patterns", "attn-r8-layer0"]
+
+
+def _variant(src: Path, dst: Path, seed: int) -> None:
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(dst / "adapter_model.safetensors")
+    save_file({k: torch.randn(v.shape, generator=g) * v.std() for k, v in tensors.items()}, dst / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("api-adapters")
+    for name in BASE_ADAPTERS:
+        shutil.copytree(tiny_llama.adapters[name], root / name)
+    for i in range(4):  # eight adapters in all, two of them namespaced
+        _variant(tiny_llama.adapters[BASE_ADAPTERS[i]], root / ("acme" if i < 2 else "globex") / f"v{i}", seed=100 + i)
+    make_adapter(tiny_llama.path, root / "dora", seed=0, r=4, target_modules=["q_proj"], use_dora=True)
+    return root
+
+
+ALL_ADAPTERS = [*BASE_ADAPTERS, "acme/v0", "acme/v1", "globex/v2", "globex/v3"]
+
+
+def _start(tiny: TinyModel, root: Path, *, api: ApiConfig | None = None, **overrides: Any) -> BackgroundServer:
+    config = engine_config(tiny, roots=(str(root),), max_loras=4)
+    if overrides:
+        config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, **overrides))
+    server_config = ServerConfig(engine=config, api=api or ApiConfig(port=0, metrics_port=0))
+    server = BackgroundServer(server_config, Engine(config))
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: TinyModel, adapter_root: Path) -> Iterator[BackgroundServer]:
+    server = _start(tiny_llama, adapter_root)
+    yield server
+    server.stop()
+
+
+def _address(server: BackgroundServer) -> str:
+    return f"127.0.0.1:{server.server.port}"
+
+
+@pytest.fixture
+def client(server: BackgroundServer) -> Iterator[Client]:
+    with Client(_address(server), timeout=60) as c:
+        yield c
+
+
+def _engine(server: BackgroundServer) -> Engine:
+    return server.server.engine
+
+
+def _wait_idle(engine: Engine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.has_unfinished()
+
+
+def test_32_concurrent_streams_match_the_in_process_engine(
+    client: Client, server: BackgroundServer, tiny_llama: TinyModel, adapter_root: Path
+) -> None:
+    reference_engine = Engine(engine_config(tiny_llama, roots=(str(adapter_root),)))
+    jobs = [([5 + i, 17, 33 + 2 * i, 9, 40 + i], ([*ALL_ADAPTERS, None])[i % 9]) for i in range(32)]
+    expected = reference_engine.generate(
+        [p for p, _ in jobs], reference_engine_params := _params(), [a for _, a in jobs]
+    )
+    reference_engine.close()
+    assert reference_engine_params.max_new_tokens == 10
+
+    def stream(job: tuple[list[int], str | None]) -> tuple[list[int], str, str | None]:
+        prompt, adapter = job
+        tokens: list[int] = []
+        text = ""
+        reason = None
+        for chunk in client.generate_stream(prompt_token_ids=prompt, adapter_id=adapter, max_new_tokens=10, ignore_eos=True):
+            tokens.extend(chunk.token_ids)
+            text += chunk.text
+            reason = chunk.finish_reason
+        return tokens, text, reason
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(stream, jobs))
+    for (tokens, text, reason), exp in zip(results, expected):
+        assert tokens == exp.token_ids and text == exp.text and reason == "length"
+    _wait_idle(_engine(server))
+    assert _engine(server).blocks.num_free_blocks == _engine(server).blocks.num_blocks
+
+
+def _params() -> Any:
+    from loraplex.engine.request import SamplingParams
+
+    return SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+def test_unary_generate_and_usage(client: Client) -> None:
+    result = client.generate(prompt_token_ids=[5, 6, 7], adapter_id="acme/v0", max_new_tokens=4, ignore_eos=True)
+    assert len(result.token_ids) == 4 and result.finish_reason == "length"
+    assert result.usage.prompt_tokens == 3 and result.usage.generated_tokens == 4
+    assert result.usage.time_to_first_token_s > 0 and result.usage.total_time_s >= result.usage.time_to_first_token_s
+    assert result.adapter_id == "acme/v0" and result.adapter_version >= 1
+
+
+def test_cancelled_stream_frees_blocks_and_slot(client: Client, server: BackgroundServer) -> None:
+    engine = _engine(server)
+    _wait_idle(engine)
+    free = engine.blocks.num_free_blocks
+    stream = client.generate_stream(prompt_token_ids=list(range(5, 60)), adapter_id="qv-r4", max_new_tokens=400, ignore_eos=True)
+    received = 0
+    for chunk in stream:
+        received += len(chunk.token_ids)
+        if received >= 3:
+            break
+    version = engine.store.resolve("qv-r4")
+    assert version.slot_refs >= 0
+    stream.close()
+    _wait_idle(engine)
+    assert engine.blocks.num_free_blocks == free
+    assert version.slot_refs == 0 and version.requests == 0
+
+
+def test_deadline_exceeded_frees_everything(client: Client, server: BackgroundServer) -> None:
+    engine = _engine(server)
+    _wait_idle(engine)
+    free = engine.blocks.num_free_blocks
+    with pytest.raises(DeadlineExceededError):
+        client.generate(prompt_token_ids=[5, 6, 7], adapter_id="all-r8-rslora", max_new_tokens=500, ignore_eos=True, timeout=0.3)
+    _wait_idle(engine)
+    assert engine.blocks.num_free_blocks == free
+    assert engine.store.resolve("all-r8-rslora").slot_refs == 0
+
+
+def test_loaded_and_uploaded_adapters_serve_the_next_request(
+    client: Client, tiny_llama: TinyModel, adapter_root: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(tiny_llama.adapters["all-r16-patterns"], adapter_root / "runtime" / "loaded")
+    info = client.load_adapter("runtime/loaded", "runtime/loaded")
+    assert info.adapter_id == "runtime/loaded" and info.rank == 16 and info.path == "runtime/loaded"
+    via_load = client.generate(prompt_token_ids=[8, 9, 10], adapter_id="runtime/loaded", max_new_tokens=6, ignore_eos=True)
+    direct = client.generate(prompt_token_ids=[8, 9, 10], adapter_id="all-r16-patterns", max_new_tokens=6, ignore_eos=True)
+    assert via_load.token_ids == direct.token_ids
+
+    local = tmp_path / "local-adapter"
+    _variant(tiny_llama.adapters["qv-r4"], local, seed=77)
+    info = client.upload_adapter("acme/uploaded", local)
+    assert info.adapter_id == "acme/uploaded" and info.version >= 1
+    uploaded = client.generate(prompt_token_ids=[8, 9, 10], adapter_id="acme/uploaded", max_new_tokens=6, ignore_eos=True)
+    base = client.generate(prompt_token_ids=[8, 9, 10], max_new_tokens=6, ignore_eos=True)
+    assert uploaded.token_ids != base.token_ids
+    listed = {a.adapter_id: a for a in client.list_adapters()}
+    assert {"runtime/loaded", "acme/uploaded"} <= set(listed)
+    assert listed["acme/uploaded"].stats.requests >= 1
+    got = client.get_adapter("acme/uploaded")
+    assert got.tier in ("host", "device") and got.content_hash
+
+
+def test_error_statuses(client: Client, server: BackgroundServer, tiny_llama: TinyModel) -> None:
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        client.generate("hi", top_p=1.5)
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        client.generate(prompt="hi", prompt_token_ids=[1])
+    with pytest.raises(InvalidRequestError, match="prompt_token_ids"):
+        client.generate(prompt_token_ids=[10**6])
+    with pytest.raises(InvalidRequestError, match="adapter_id"):
+        client.generate("hi", adapter_id="bad id!")
+    with pytest.raises(AdapterNotFoundError, match="no-such-adapter"):
+        client.generate("hi", adapter_id="no-such-adapter")
+    with pytest.raises(AdapterNotFoundError, match="no-such-adapter"):
+        client.get_adapter("no-such-adapter")
+    with pytest.raises(AdapterIncompatibleError, match="DoRA"):
+        client.load_adapter("dora", "dora")
+    with pytest.raises(AdapterIncompatibleError, match="outside the adapter roots"):
+        client.load_adapter("escape", "../../etc")
+    with pytest.raises(InvalidRequestError, match="path"):
+        client.load_adapter("x", "")
+
+    # ALREADY_EXISTS: a request id already in flight
+    first = client.generate_stream(prompt_token_ids=[5, 6], max_new_tokens=200, ignore_eos=True, request_id="dup-1")
+    next(first)
+    with pytest.raises(RequestConflictError, match="dup-1"):
+        client.generate(prompt_token_ids=[5, 6], request_id="dup-1")
+    first.close()
+
+
+def test_internal_error_names_the_request_and_others_keep_running(client: Client, server: BackgroundServer) -> None:
+    engine = _engine(server)
+    runner = engine.runner
+    original = runner.run
+    poison = 499
+
+    def failing_run(batch: Any) -> Any:
+        if any(r.prompt_token_ids[0] == poison for r in batch.requests):
+            raise RuntimeError("injected device failure")
+        return original(batch)
+
+    runner.run = failing_run  # type: ignore[method-assign]
+    try:
+        healthy = client.generate_stream(prompt_token_ids=[5, 6, 7], adapter_id="qv-r4", max_new_tokens=30, ignore_eos=True)
+        next(healthy)
+        with pytest.raises(InternalServerError, match=r"poisoned-1.*injected device failure"):
+            client.generate(prompt_token_ids=[poison, 6, 7], request_id="poisoned-1", max_new_tokens=5)
+        rest = list(healthy)
+        assert rest[-1].finish_reason == "length"
+    finally:
+        runner.run = original  # type: ignore[method-assign]
+    assert client.generate(prompt_token_ids=[5, 6], max_new_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_unload_waits_or_forces(client: Client, server: BackgroundServer, tiny_llama: TinyModel, adapter_root: Path) -> None:
+    shutil.copytree(tiny_llama.adapters["qv-r4"], adapter_root / "temp" / "a")
+    client.load_adapter("temp/a", "temp/a")
+    stream = client.generate_stream(prompt_token_ids=[5, 6], adapter_id="temp/a", max_new_tokens=300, ignore_eos=True)
+    next(stream)
+    result = client.unload_adapter("temp/a", force=True)
+    assert result.aborted_requests == 1
+    with pytest.raises(LoraplexError) as err:
+        list(stream)
+    assert err.value.code is grpc.StatusCode.ABORTED and "unloaded" in err.value.details
+
+    client.load_adapter("temp/b", "temp/a")
+    done: list[str] = []
+    stream = client.generate_stream(prompt_token_ids=[5, 6], adapter_id="temp/b", max_new_tokens=40, ignore_eos=True)
+    first = next(stream)
+    reader = threading.Thread(target=lambda: done.extend(c.finish_reason or "" for c in [first, *stream]))
+    reader.start()
+    assert client.unload_adapter("temp/b").aborted_requests == 0  # waited for the stream
+    reader.join(10)
+    assert done[-1] == "length"
+
+
+def test_model_info_and_health(client: Client, server: BackgroundServer) -> None:
+    info = client.model_info()
+    assert info.quantization == "nf4" and info.max_loras == 4 and info.ready
+    assert client.health()
+
+
+def test_overload_auth_and_shutdown(tiny_llama: TinyModel, adapter_root: Path) -> None:
+    server = _start(tiny_llama, adapter_root, api=ApiConfig(port=0, metrics_port=0, auth_tokens=("s3cret",)), max_num_seqs=1, max_waiting=1)
+    address = _address(server)
+    try:
+        with pytest.raises(AuthenticationError):
+            Client(address).generate("hi")
+        with pytest.raises(AuthenticationError):
+            Client(address, token="wrong").generate("hi")
+        with Client(address, token="s3cret", timeout=60) as client:
+            assert client.health()
+            streams = [
+                client.generate_stream(prompt_token_ids=[5, 6], max_new_tokens=400, ignore_eos=True) for _ in range(2)
+            ]
+            engine = server.server.engine
+            deadline = time.monotonic() + 10
+            while engine.num_unfinished < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(OverloadedError, match="overloaded"):
+                client.generate(prompt_token_ids=[5, 6], max_new_tokens=2)
+            # Shutting down: new calls are UNAVAILABLE; the in-flight streams end UNAVAILABLE at the drain timeout.
+            drain = server.begin_drain(1.0)
+            time.sleep(0.2)
+            with pytest.raises(ServerUnavailableError):
+                client.generate(prompt_token_ids=[5, 6], max_new_tokens=2)
+            for s in streams:
+                with pytest.raises(ServerUnavailableError, match="shutting down"):
+                    list(s)
+            drain.result(10)
+    finally:
+        server.close_loop()
+    assert server.server.engine.blocks.num_free_blocks == server.server.engine.blocks.num_blocks
+
+
+def test_scheduler_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        SchedulerConfig(max_num_seqs=0)
