@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: `benchmarks` is importable from the repository root
 HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # peak HBM bandwidth, GB/s
 
 
@@ -74,7 +75,7 @@ def check_correctness(smoke: bool, deadline: float) -> dict[str, Any]:
 # -- (b) kernel time and bandwidth ------------------------------------------------------------
 
 
-def _time_ms(fn: Callable[[], None], device: Any, reps: int) -> float:
+def _time_ms(fn: Callable[[], object], device: Any, reps: int) -> float:
     """Median time of fn; on CUDA with cold L2 (a 256 MiB write between runs), as from HBM."""
     import torch
 
@@ -156,81 +157,10 @@ def _bench_kernels_at(
 # -- (c) decode through the engine ---------------------------------------------------------------
 
 
-def _model_config(smoke: bool) -> Any:
-    from transformers import LlamaConfig
+def _shape(smoke: bool) -> Any:
+    from benchmarks.models import LLAMA_7B, TINY
 
-    shape: dict[str, Any] = (
-        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
-        if smoke  # Llama-7B below
-        else dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
-    )
-    return LlamaConfig(
-        **shape, num_key_value_heads=shape["num_attention_heads"], max_position_embeddings=2048,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )
-
-
-def _tokenizer(vocab_size: int) -> Any:
-    """A word-level tokenizer that can decode every id of the model (prompts are token ids)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-def make_model(path: Path, smoke: bool, device: str) -> None:
-    """Random bf16 weights saved as a Hugging Face directory; reused when already there."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = _model_config(smoke)
-    marker = path / "gpu_check.json"
-    if marker.is_file() and json.loads(marker.read_text()) == config.to_dict():
-        return
-    t0 = time.monotonic()
-    torch.manual_seed(0)
-    with torch.device(device):  # 7B params: initialised on the GPU in seconds
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    _tokenizer(config.vocab_size).save_pretrained(path)
-    marker.write_text(json.dumps(config.to_dict()))
-    del model
-    torch.cuda.empty_cache()
-    _log(f"model saved to {path} in {time.monotonic() - t0:.0f} s")
-
-
-def make_adapters(root: Path, smoke: bool, count: int, rank: int) -> list[Path]:
-    """PEFT LoRA directories written directly: q/k/v/o of every layer, random A and B."""
-    import torch
-    from safetensors.torch import save_file
-
-    config = _model_config(smoke)
-    d, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d)}  # (d_in, d_out)
-    paths = []
-    for i in range(count):
-        path = root / f"adapter-{i:02d}"
-        paths.append(path)
-        if (path / "adapter_model.safetensors").is_file():
-            continue
-        g = torch.Generator().manual_seed(1000 + i)
-        tensors = {}
-        for layer in range(layers):
-            for name, (d_in, d_out) in shapes.items():
-                key = f"base_model.model.model.layers.{layer}.self_attn.{name}"
-                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) * d_in**-0.5).to(torch.bfloat16)
-                tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.02).to(torch.bfloat16)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path / "adapter_model.safetensors"))
-        (path / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-            "target_modules": list(shapes), "bias": "none", "use_rslora": False, "use_dora": False,
-            "fan_in_fan_out": False, "base_model_name_or_path": "random-llama",
-        }))
-    return paths
+    return TINY if smoke else LLAMA_7B
 
 
 def _run(engine: Any, batch: int, prompt_len: int, new_tokens: int, adapters: list[str | None], seed: int) -> dict[str, Any]:
@@ -272,21 +202,24 @@ def bench_decode(smoke: bool, work_dir: Path) -> dict[str, Any]:
     device = "cpu" if smoke else "cuda"
     batch, num_adapters, rank = (4, 4, 8) if smoke else (32, 32, 16)
     prompt_len, new_tokens = (8, 8) if smoke else (64, 64)
-    model_dir, adapter_root = work_dir / ("tiny-llama" if smoke else "llama7b-random"), work_dir / "adapters"
-    make_model(model_dir, smoke, device)
-    adapter_paths = make_adapters(adapter_root / ("tiny" if smoke else "llama7b"), smoke, num_adapters, rank)
+    from benchmarks.models import ATTENTION, make_adapters, make_model
+
+    shape = _shape(smoke)
+    model_dir = make_model(shape, work_dir, device, torch.float32 if smoke else torch.bfloat16)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    adapter_root, names = make_adapters(shape, num_adapters, rank, ATTENTION, work_dir, torch.float32 if smoke else torch.bfloat16)
 
     t0 = time.monotonic()
     engine = Engine(EngineConfig(
-        model=ModelConfig(str(model_dir), quantization="nf4", dtype="float32" if smoke else "bfloat16", device=device, max_model_len=512),
+        model=ModelConfig(str(model_dir), quantization="nf4", dtype="float32" if smoke else "bfloat16", device=device, max_model_len=512),  # type: ignore[arg-type]
         cache=CacheConfig(num_blocks=2 * batch * (prompt_len + new_tokens) // 16 + 64),
         scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len)),
         lora=LoraConfig(max_loras=num_adapters, max_lora_rank=rank, adapter_roots=(str(adapter_root),)),
     ))
     load_s = time.monotonic() - t0
-    names = [f"adapter-{i:02d}" for i in range(num_adapters)]
-    for name, path in zip(names, adapter_paths):
-        engine.register_adapter(name, str(path))
+    for name in names:
+        engine.register_adapter(name, name)
     mixed: list[str | None] = list(names)
     runs: dict[str, Any] = {}
     try:

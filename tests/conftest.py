@@ -117,7 +117,8 @@ def engine_config(
     roots: tuple[str, ...] | None = None, **lora: Any,
 ) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(str(tiny.path), quantization=quantization, dtype="float32", device="cpu"),  # type: ignore[arg-type]
+        # exact CPU NF4 matmuls on both sides, so logits agree with PEFT to float rounding
+        model=ModelConfig(str(tiny.path), quantization=quantization, dtype="float32", device="cpu", cpu_nf4_kernel="exact"),  # type: ignore[arg-type]
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
         lora=LoraConfig(
@@ -164,7 +165,7 @@ class PeftReference:
         )
         base = AutoModelForCausalLM.from_pretrained(tiny.path, quantization_config=quant, device_map="cpu", dtype=torch.float32)
         # fp32 compute on both sides: bitsandbytes' AVX512-BF16 CPU kernel would round to bf16.
-        exact_nf4_compute(base, torch.float32)
+        exact_nf4_compute(base)
         base.generation_config.eos_token_id = None
         base.generation_config.pad_token_id = 0
         names = list(tiny.adapters)

@@ -14,6 +14,7 @@ from typing import Literal
 Quantization = Literal["nf4", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
+CpuNf4Kernel = Literal["fused", "exact"]
 
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
 
@@ -32,6 +33,9 @@ class ModelConfig:
     dtype: DType = "auto"  # compute dtype; auto = bfloat16 on CUDA, float32 on CPU
     device: Device = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 4096
+    # CPU NF4 matmuls: "fused" = bitsandbytes' AVX512-BF16 kernel (fast; rounds activations to
+    # bf16, as PEFT / transformers do by default); "exact" = dequantize + GEMM in the compute dtype.
+    cpu_nf4_kernel: CpuNf4Kernel = "fused"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -44,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
+        if self.cpu_nf4_kernel not in ("fused", "exact"):
+            raise ValueError(f"cpu_nf4_kernel must be fused|exact, got {self.cpu_nf4_kernel!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,7 @@ class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9400  # 0 = no metrics endpoint
+    metrics_top_adapters: int = 0  # per-adapter request counter for the N busiest ids; 0 = off
     drain_timeout_s: float = 30.0
     heartbeat_timeout_s: float = 30.0
     auth_tokens: tuple[str, ...] = ()  # reserved for the tenant step; masked when printed
@@ -115,6 +122,8 @@ class ApiConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.metrics_top_adapters < 0:
+            raise ValueError(f"metrics_top_adapters must be >= 0, got {self.metrics_top_adapters}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         _positive("heartbeat_timeout_s", self.heartbeat_timeout_s)

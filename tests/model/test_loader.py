@@ -13,7 +13,7 @@ from loraplex.model.loader import load_base_model
 def test_nf4_layers_are_bitsandbytes_and_compute_in_fp32(tiny_llama: TinyModel) -> None:
     import bitsandbytes as bnb
 
-    loaded = load_base_model(ModelConfig(str(tiny_llama.path), quantization="nf4", device="cpu"))
+    loaded = load_base_model(ModelConfig(str(tiny_llama.path), quantization="nf4", device="cpu", cpu_nf4_kernel="exact"))
     q_proj = loaded.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert q_proj.weight.quant_state.quant_type == "nf4" and q_proj.weight.quant_state.nested

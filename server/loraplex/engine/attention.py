@@ -30,7 +30,7 @@ class PrefillSpan:
     start: int  # first token of the span in the packed batch
     length: int  # query tokens
     context_len: int  # keys visible to the last query token (cached + this span)
-    block_table: torch.Tensor | None  # [n_blocks]; None when the span is the whole context
+    kv_rows: torch.Tensor | None  # [context_len] cache rows of its keys; None when the span is the whole context
 
 
 @dataclass(slots=True)
@@ -39,7 +39,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache row of each new token
     prefills: list[PrefillSpan]
     decode_index: torch.Tensor | None  # [B] token positions of the decodes in the packed batch
-    decode_block_tables: torch.Tensor | None  # [B, max_blocks]
+    decode_kv_rows: torch.Tensor | None  # [B * L] cache rows of each decode's keys, L = longest context
     decode_context_lens: torch.Tensor | None  # [B]
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
@@ -47,8 +47,8 @@ class AttentionMetadata:
         """[B, 1, 1, L] True where a decode token may attend; built once per step and window."""
         mask = self._decode_masks.get(sliding_window)
         if mask is None:
-            assert self.decode_block_tables is not None and self.decode_context_lens is not None
-            length = self.decode_block_tables.shape[1] * self.kv_cache.block_size
+            assert self.decode_kv_rows is not None and self.decode_context_lens is not None
+            length = self.decode_kv_rows.shape[0] // self.decode_context_lens.shape[0]
             pos = torch.arange(length, device=self.decode_context_lens.device)
             ctx = self.decode_context_lens[:, None]
             mask = pos[None, :] < ctx
@@ -59,11 +59,15 @@ class AttentionMetadata:
         return mask
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """cache [N, bs, n_kv, d] rows of the given blocks -> [..., n_kv, n_blocks*bs, d]."""
-    blocks = cache[block_table]  # [..., n_blocks, bs, n_kv, d]
-    shape = blocks.shape
-    return blocks.reshape(*shape[:-4], shape[-4] * shape[-3], shape[-2], shape[-1]).transpose(-3, -2)
+def _gather(cache: torch.Tensor, rows: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """cache [N, bs, n_kv, d] at flat rows [S * L] -> [S, n_kv, L, d].
+
+    index_select on the flattened cache is twice as fast on the CPU as indexing by block
+    table, and the rows are computed once per step for every layer.
+    """
+    n_kv, d = cache.shape[-2], cache.shape[-1]
+    picked = cache.view(-1, n_kv, d).index_select(0, rows)  # [S * L, n_kv, d]
+    return picked.view(num_seqs, -1, n_kv, d).transpose(1, 2)
 
 
 def _prefill_mask(q_len: int, ctx_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
@@ -102,24 +106,25 @@ def paged_attention(
     for span in meta.prefills:
         s, e = span.start, span.start + span.length
         q = query[:, :, s:e]
-        if span.block_table is None:  # the whole context is this span: causal over itself
+        if span.kv_rows is None:  # the whole context is this span: causal over itself
             if sliding_window is None or span.length <= sliding_window:
                 o = F.scaled_dot_product_attention(q, key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=gqa)
             else:
                 mask = _prefill_mask(span.length, span.length, sliding_window, query.device)
                 o = F.scaled_dot_product_attention(q, key[:, :, s:e], value[:, :, s:e], attn_mask=mask, scale=scaling, enable_gqa=gqa)
         else:
-            k = _gather(k_cache, span.block_table)[None, :, : span.context_len]  # [1, n_kv, ctx, d]
-            v = _gather(v_cache, span.block_table)[None, :, : span.context_len]
+            k = _gather(k_cache, span.kv_rows, 1)  # [1, n_kv, ctx, d]
+            v = _gather(v_cache, span.kv_rows, 1)
             mask = _prefill_mask(span.length, span.context_len, sliding_window, query.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         out[s:e] = o[0].transpose(0, 1)
 
     if meta.decode_index is not None:
-        assert meta.decode_block_tables is not None
+        assert meta.decode_kv_rows is not None
+        num_decodes = meta.decode_index.shape[0]
         q = query[0].index_select(1, meta.decode_index).transpose(0, 1)[:, :, None]  # [B, H, 1, d]
-        k = _gather(k_cache, meta.decode_block_tables)  # [B, n_kv, L, d]
-        v = _gather(v_cache, meta.decode_block_tables)
+        k = _gather(k_cache, meta.decode_kv_rows, num_decodes)  # [B, n_kv, L, d]
+        v = _gather(v_cache, meta.decode_kv_rows, num_decodes)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=meta.decode_mask(sliding_window), scale=scaling, enable_gqa=gqa
         )  # [B, H, 1, d]

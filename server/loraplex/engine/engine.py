@@ -66,6 +66,15 @@ class StepStats:
     num_adapters: int
     num_preempted: int
     duration_s: float
+    num_decodes: int = 0  # requests that computed exactly their last sampled token
+
+    @property
+    def pure_decode(self) -> bool:
+        return self.num_requests > 0 and self.num_decodes == self.num_requests
+
+    @property
+    def pure_prefill(self) -> bool:
+        return self.num_requests > 0 and self.num_decodes == 0
 
 
 class Engine:
@@ -229,6 +238,9 @@ class Engine:
         start = time.perf_counter()
         outputs = self._drain_inbox()
         batch = self.scheduler.schedule()
+        num_decodes = sum(
+            1 for r, n in zip(batch.requests, batch.num_new_tokens) if n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
+        )
         for request in batch.failed:
             request.error_kind = "adapter"
             outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
@@ -240,7 +252,7 @@ class Engine:
                 log.exception("step failed for %d requests; running them one by one", len(batch))
                 self._run_isolated(batch, outputs)
         self.last_step = StepStats(
-            len(batch), batch.num_tokens, num_adapters, len(batch.preempted), time.perf_counter() - start
+            len(batch), batch.num_tokens, num_adapters, len(batch.preempted), time.perf_counter() - start, num_decodes
         )
         return outputs
 

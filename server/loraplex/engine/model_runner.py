@@ -48,6 +48,17 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.use_triton = use_triton
 
+    def _kv_rows(self, tables: list[list[int]], length: int) -> torch.Tensor:
+        """Flat cache rows of positions [0, length) of each sequence: [len(tables) * length].
+
+        Positions past a sequence's blocks point at row 0; the attention mask hides them.
+        """
+        bs = self.block_size
+        nb = -(-length // bs)
+        padded = torch.tensor([t[:nb] + [0] * (nb - len(t)) for t in tables], dtype=torch.long)  # [S, nb]
+        rows = (padded[:, :, None] * bs + torch.arange(bs)).view(len(tables), nb * bs)[:, :length]
+        return rows.reshape(-1).to(self.device)
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         order = sorted(range(len(batch)), key=lambda i: _slot(batch.requests[i]))
@@ -76,8 +87,8 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(computed + 1)
             else:
-                span_table = None if computed == 0 else torch.tensor(table, dtype=torch.long, device=self.device)
-                prefills.append(PrefillSpan(start, n, computed + n, span_table))
+                rows = None if computed == 0 else self._kv_rows([table], computed + n)
+                prefills.append(PrefillSpan(start, n, computed + n, rows))
             token_runs.append((_slot(request), n))
             if computed + n == request.num_tokens:
                 logits_index.append(start + n - 1)
@@ -89,15 +100,12 @@ class ModelRunner:
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
             prefills=prefills,
             decode_index=None,
-            decode_block_tables=None,
+            decode_kv_rows=None,
             decode_context_lens=None,
         )
         if decode_index:
-            width = max(len(t) for t in decode_tables)
             meta.decode_index = torch.tensor(decode_index, dtype=torch.long, device=dev)
-            meta.decode_block_tables = torch.tensor(
-                [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev
-            )
+            meta.decode_kv_rows = self._kv_rows(decode_tables, max(decode_lens))
             meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
 
         num_tokens = len(input_ids)

@@ -65,17 +65,18 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def exact_nf4_compute(model: Any, dtype: torch.dtype) -> int:
-    """Make bitsandbytes' CPU NF4 layers compute in `dtype`, as configured.
+def exact_nf4_compute(model: Any) -> int:
+    """Make bitsandbytes' CPU NF4 layers compute exactly in the compute dtype.
 
     On CPUs with AVX512-BF16, bitsandbytes runs NF4 matmuls through a fused kernel that
-    rounds activations and outputs to bf16 whatever the compute dtype. With float32 asked
-    for, turn that kernel off (dequantize + fp32 GEMM): exact fp32, and faster for prefill;
-    choose --dtype bfloat16 on the CPU for the fused kernel. Returns the layers changed.
+    rounds activations and outputs to bf16 whatever the compute dtype: fast at decode, but
+    a 1e-7 difference upstream can flip a bf16 rounding. This turns it off (dequantize +
+    GEMM in the compute dtype): slower at decode, faster for long prefills, and results that
+    agree with any other exact implementation to float rounding. Returns the layers changed.
     """
     changed = 0
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False) and dtype != torch.bfloat16:
+        if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
@@ -109,8 +110,8 @@ def load_base_model(config: ModelConfig) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     model.requires_grad_(False)
-    if config.quantization == "nf4" and device.type == "cpu":
-        exact_nf4_compute(model, dtype)
+    if config.quantization == "nf4" and device.type == "cpu" and config.cpu_nf4_kernel == "exact":
+        exact_nf4_compute(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
