@@ -49,6 +49,8 @@ def run_count(model_path: str, shape: Any, count: int, args: argparse.Namespace)
         "device loads": snap.counters.get(("device", "loads"), 0),
         "device evictions": snap.counters.get(("device", "evictions"), 0),
         "mean adapters/step": sum(stats.adapters_per_step) / max(1, len(stats.adapters_per_step)),
+        "mean requests/step": sum(stats.requests_per_step) / max(1, len(stats.requests_per_step)),
+        "idle steps": stats.idle_steps,
     }
     engine.close()
     return stats, extra
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = results[high].throughput / results[low].throughput
     summary = {f"throughput {high} / {low} adapters (goal >= {GOAL})": ratio, "goal met": ratio >= GOAL}
     columns = ["registered adapters", "tokens/s", "decode tok/s", "distinct adapters used", "host loads", "device loads",
-               "device evictions", "mean adapters/step"]
+               "device evictions", "mean adapters/step", "mean requests/step", "idle steps"]
     report.write(args.name, f"adapter-count sweep — {shape.name}, power law alpha={args.alpha}, 16 device slots, rank {args.rank} q,v",
                  rows, columns, summary, plot=("registered adapters", "tokens/s"),
                  notes=f"{args.requests} requests, {args.concurrency} in flight (closed loop); command: python -m benchmarks.adapter_sweep "

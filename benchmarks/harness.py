@@ -22,6 +22,8 @@ class RunStats:
     total_tokens: int = 0
     wall_s: float = 0.0
     adapters_per_step: list[int] = field(default_factory=list)
+    requests_per_step: list[int] = field(default_factory=list)
+    idle_steps: int = 0  # steps that ran nothing (waiting for adapters)
 
     @property
     def prefill_tps(self) -> float:
@@ -44,6 +46,8 @@ class RunStats:
         self.total_tokens += other.total_tokens
         self.wall_s += other.wall_s
         self.adapters_per_step += other.adapters_per_step
+        self.requests_per_step += other.requests_per_step
+        self.idle_steps += other.idle_steps
 
     @property
     def median_decode_step_ms(self) -> float:
@@ -79,7 +83,10 @@ def run(engine: Any, items: Sequence[WorkItem], adapter_ids: Sequence[str], conc
         outputs = engine.step()
         step = engine.last_step
         if step.num_requests == 0:
+            stats.idle_steps += 1
             engine.wait_for_work(0.002)  # adapters loading
+        else:
+            stats.requests_per_step.append(step.num_requests)
         stats.total_tokens += sum(len(o.new_token_ids) for o in outputs)
         if step.pure_decode:
             stats.decode_tokens += step.num_tokens

@@ -1,14 +1,19 @@
-"""`loraplex` command line: serve, demo, make-demo."""
+"""`loraplex` command line: serve, healthcheck, demo, make-demo.
+
+Only `serve` (and the demo commands) import torch; `healthcheck` and `--help` do not.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_DEMO_DIR = ".cache/demo"
+HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -21,10 +26,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from loraplex import settings
-    from loraplex.api.server import serve
-    from loraplex.engine.engine import Engine
 
-    values = settings.resolve(args)
+    try:
+        values, sources = settings.resolve_with_sources(args)
+    except ValueError as e:
+        print(f"loraplex serve: {e}", file=sys.stderr)
+        return 2
     _setup_logging(values["log_level"], values["log_format"])
     log = logging.getLogger("loraplex")
     if values["model"] == "demo":
@@ -32,19 +39,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         root = make_demo(DEFAULT_DEMO_DIR)
         values["model"] = str(root / "model")
+        sources["model"] += ", the demo model"
         if not values["adapter_root"]:
             values["adapter_root"] = (str(root / "adapters"),)
+            sources["adapter_root"] = "the demo adapters"
     try:
-        config = settings.build_config(values)
+        config = settings.build_config(values, sources)
         preload = settings.parse_preload(values["preload"])
     except ValueError as e:
         print(f"loraplex serve: {e}", file=sys.stderr)
         return 2
-    log.info("configuration:\n%s", settings.describe(values))
+    log.info("configuration (flag > LORAPLEX_* > --config file > default):\n%s", settings.describe(values, sources))
+    for name in settings.unknown_environment():
+        log.warning("ignoring %s: no such option", name)
     engine_config = config.engine
     if not engine_config.lora.adapter_roots:
         log.warning("no --adapter-root: LoadAdapter and UploadAdapter are refused")
+
+    # torch and the model code load only here: `--help` and errors above stay fast.
+    from loraplex.api.server import serve
+    from loraplex.engine.engine import Engine
+
     return asyncio.run(serve(config, lambda: Engine(engine_config), preload=preload))
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the server reports SERVING for the service (readiness by default), else 1.
+
+    For container HEALTHCHECKs and probes: needs grpcio and the client package, never torch.
+    """
+    import grpc
+
+    from loraplex_client import _health
+
+    what = f"{args.address} service {args.service!r}"
+    with grpc.insecure_channel(args.address) as channel:
+        check = channel.unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.HealthCheckRequest.SerializeToString,
+            response_deserializer=_health.HealthCheckResponse.FromString,
+        )
+        try:
+            response = check(_health.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"loraplex healthcheck: {what}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if response.status != _health.SERVING:
+        print(f"loraplex healthcheck: {what}: {HEALTH_STATUS.get(response.status, response.status)}", file=sys.stderr)
+        return 1
+    print(f"{what}: SERVING")
+    return 0
 
 
 def cmd_make_demo(args: argparse.Namespace) -> int:
@@ -61,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir), quantization=args.quantization)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA adapter serving.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -70,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
 
     settings.add_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "healthcheck", help="exit 0 if the server is ready (grpc.health.v1), 1 otherwise",
+        description="Asks a running server's grpc.health.v1 service; exit 0 on SERVING, 1 otherwise.",
+    )
+    port = os.environ.get("LORAPLEX_PORT", "50051")
+    p.add_argument("--address", default=f"127.0.0.1:{port}", help="host:port (default: 127.0.0.1:$LORAPLEX_PORT or 50051)")
+    p.add_argument(
+        "--service", default="loraplex.v1.LoraPlex", help="readiness (default), or '' for liveness"
+    )
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    p.set_defaults(func=cmd_healthcheck)
 
     p = sub.add_parser("make-demo", help="build the demo model and adapters (CPU, under a minute)")
     p.add_argument("out_dir", nargs="?", default=DEFAULT_DEMO_DIR)
@@ -81,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_demo)
+    return parser
 
-    args = parser.parse_args(argv)
-    if args.command != "serve":
-        _setup_logging(args.log_level or "info")
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("make-demo", "demo"):  # serve sets up its own; healthcheck only prints
+        _setup_logging(args.log_level)
     start = time.perf_counter()
     rc = int(args.func(args))
     logging.getLogger("loraplex").debug("done in %.1fs", time.perf_counter() - start)

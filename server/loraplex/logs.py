@@ -1,10 +1,27 @@
-"""Logging set-up: text or JSON lines, with the request id when a record carries one."""
+"""Logging set-up: text or JSON lines, with the request id when a record carries one.
+
+A record gets its request id from `extra={"request_id": ...}` (the engine thread logs a
+request this way) or, failing that, from the `current_request_id` context variable, which the gRPC
+servicer sets for the call it handles: every log line written while serving a call names it.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
+
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("loraplex_request_id", default=None)
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives each record the request id of the call being served, unless it has one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = current_request_id.get()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,6 +53,7 @@ class TextFormatter(logging.Formatter):
 def configure(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

@@ -44,6 +44,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("quantization", str, "nf4", "base weights: NF4 (bitsandbytes) or as stored", ("nf4", "none")),
     Option("dtype", str, "auto", "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)", ("auto", "bfloat16", "float16", "float32")),
     Option("device", str, "auto", "where the model runs", ("auto", "cpu", "cuda")),
+    Option("cpu_nf4_kernel", str, "fused", "CPU NF4 matmuls: bitsandbytes' fused bf16 kernel, or exact in the compute dtype", ("fused", "exact")),
     Option("max_model_len", int, None, "longest prompt + output (default: the model's, capped at 4096)"),
     Option("block_size", int, 16, "tokens per KV-cache block"),
     Option("num_kv_blocks", int, None, "KV-cache blocks (default: fit max_num_seqs full sequences in memory)"),
@@ -61,7 +62,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("preload", str, (), "ID=RELPATH adapter to load at start-up (repeatable)", many=True),
     Option("host", str, "127.0.0.1", "gRPC listen address"),
     Option("port", int, 50051, "gRPC port"),
-    Option("metrics_port", int, 9400, "Prometheus /metrics port (0: off)"),
+    Option("metrics_port", int, 9400, "Prometheus /metrics port, on the same host as gRPC (0: off)"),
+    Option("metrics_top_adapters", int, 0, "per-adapter request counter for the N busiest adapter ids, the rest as '(other)' (0: off)"),
     Option("drain_timeout", float, 30.0, "seconds in-flight streams get to finish on SIGTERM"),
     Option("heartbeat_timeout", float, 30.0, "readiness turns NOT_SERVING when an engine step runs longer"),
     Option("auth_token", str, (), "bearer token accepted from callers (repeatable; none: no auth)", many=True, secret=True),
@@ -101,6 +103,13 @@ def _convert(option: Option, value: Any, source: str) -> Any:
             return low in ("1", "true", "yes", "on")
         if option.type is bool and not isinstance(value, bool):
             raise ValueError(f"not a boolean: {value!r}")
+        # TOML values keep their type: no silent 2.5 -> 2, true -> 1 or [..] -> "[..]"
+        if option.type is int and isinstance(value, bool | float):
+            raise ValueError(f"not an integer: {value!r}")
+        if option.type is float and isinstance(value, bool):
+            raise ValueError(f"not a number: {value!r}")
+        if option.type is str and not isinstance(value, str):
+            raise ValueError(f"not a string: {value!r}")
         converted = option.type(value)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{option.name} (from {source}): {e}") from None
@@ -132,21 +141,40 @@ def _file_values(path: str) -> dict[str, Any]:
 
 def resolve(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Option name -> value, with flag > env > file > default."""
+    return resolve_with_sources(args, environ)[0]
+
+
+def resolve_with_sources(
+    args: argparse.Namespace | None, environ: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Option name -> value, and option name -> where the value came from."""
     environ = os.environ if environ is None else environ
     ns = vars(args) if args is not None else {}
     config_file = ns.get("config") or environ.get(ENV_PREFIX + "CONFIG")
     values = {o.name: o.default for o in OPTIONS}
+    sources = dict.fromkeys(values, "default")
     if config_file:
-        values.update(_file_values(config_file))
+        from_file = _file_values(config_file)
+        values.update(from_file)
+        sources.update(dict.fromkeys(from_file, f"file {config_file}"))
     for o in OPTIONS:
         raw = environ.get(ENV_PREFIX + o.name.upper())
         if raw is not None:
             values[o.name] = _convert(o, raw, f"${ENV_PREFIX}{o.name.upper()}")
+            sources[o.name] = f"${ENV_PREFIX}{o.name.upper()}"
     for o in OPTIONS:
         flag_value = ns.get(o.name)
         if flag_value is not None:
             values[o.name] = tuple(flag_value) if o.many else flag_value
-    return values
+            sources[o.name] = "--" + o.name.replace("_", "-")
+    return values, sources
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """LORAPLEX_* variables that name no option (typos would otherwise pass unnoticed)."""
+    environ = os.environ if environ is None else environ
+    known = {ENV_PREFIX + "CONFIG"} | {ENV_PREFIX + o.name.upper() for o in OPTIONS}
+    return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
 
 
 def parse_preload(items: Sequence[str]) -> dict[str, str]:
@@ -159,13 +187,37 @@ def parse_preload(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def build_config(values: Mapping[str, Any]) -> ServerConfig:
+# Config fields whose name differs from the option that sets them.
+FIELD_OPTIONS = {
+    "num_blocks": "num_kv_blocks",
+    "memory_fraction": "kv_memory_fraction",
+    "drain_timeout_s": "drain_timeout",
+    "heartbeat_timeout_s": "heartbeat_timeout",
+}
+
+
+def build_config(values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> ServerConfig:
+    """The validated ServerConfig; a ValueError names the option (and its source, if given)."""
     if not values.get("model"):
         raise ValueError("model: required (a model directory, or 'demo')")
+    try:
+        return _build_config(values)
+    except ValueError as e:
+        message = str(e)
+        field = message.split(" ", 1)[0]
+        option = FIELD_OPTIONS.get(field, field)
+        if option not in BY_NAME:
+            raise
+        source = f" (from {sources[option]})" if sources and option in sources else ""
+        raise ValueError(f"{option}{source}: {message}") from None
+
+
+def _build_config(values: Mapping[str, Any]) -> ServerConfig:
     return ServerConfig(
         engine=EngineConfig(
             model=ModelConfig(
-                values["model"], values["quantization"], values["dtype"], values["device"], values["max_model_len"]
+                values["model"], values["quantization"], values["dtype"], values["device"], values["max_model_len"],
+                values["cpu_nf4_kernel"],
             ),
             cache=CacheConfig(values["block_size"], values["num_kv_blocks"], values["kv_memory_fraction"]),
             scheduler=SchedulerConfig(
@@ -185,6 +237,7 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
             host=values["host"],
             port=values["port"],
             metrics_port=values["metrics_port"],
+            metrics_top_adapters=values["metrics_top_adapters"],
             drain_timeout_s=values["drain_timeout"],
             heartbeat_timeout_s=values["heartbeat_timeout"],
             auth_tokens=tuple(values["auth_token"]),
@@ -192,12 +245,13 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
     )
 
 
-def describe(values: Mapping[str, Any]) -> str:
-    """One line per option for the start-up log, secrets masked."""
+def describe(values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> str:
+    """One line per option for the start-up log, secrets masked, with where each came from."""
     lines = []
     for o in OPTIONS:
         value = values.get(o.name)
         if o.secret and value:
             value = ["****"] * len(value) if o.many else "****"
-        lines.append(f"  {o.name} = {value!r}")
+        source = f"  ({sources[o.name]})" if sources and o.name in sources else ""
+        lines.append(f"  {o.name} = {value!r}{source}")
     return "\n".join(lines)

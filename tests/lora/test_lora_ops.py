@@ -6,18 +6,10 @@ import random
 
 import pytest
 import torch
+from lora_reference import per_token_lora
 
 from loraplex.lora import lora_ops
 from loraplex.lora.lora_ops import build_lora_batch, grouped_lora
-
-
-def per_token_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot: list[int], ranks: list[int]) -> torch.Tensor:
-    out = torch.zeros(x.shape[0], b.shape[-1], dtype=torch.float64)
-    for t, slot in enumerate(token_slot):
-        if slot >= 0:
-            r = ranks[slot]
-            out[t] = (x[t].double() @ a[slot, :r].double().t()) @ b[slot, :r].double()
-    return out
 
 
 def _case(num_tokens: int, num_slots: int, seed: int, max_rank: int = 16) -> tuple:
@@ -53,7 +45,7 @@ def test_grouped_lora_matches_per_token_loop(num_tokens: int, num_slots: int, fo
     batch = build_lora_batch(runs, ranks, a.shape[1], num_tokens, torch.float32, torch.device("cpu"))
     y = base.clone()
     grouped_lora(y, x, a, b, batch)
-    expected = base.double() + per_token_reference(x, a, b, token_slot, ranks)
+    expected = base.double() + per_token_lora(x, a, b, token_slot, ranks)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
     multi_segment = len(batch.segments) > 1
     assert batch.dense == (form == "dense" and multi_segment)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from lora_reference import per_token_lora
 
 from loraplex.lora.lora_ops import build_lora_batch, grouped_lora, lora_segments
 from loraplex.lora.triton_ops import build_triton_batch
@@ -124,15 +125,6 @@ def _make(case: Case, device: torch.device, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def _per_token(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot: list[int], ranks: list[int]) -> torch.Tensor:
-    out = torch.zeros(x.shape[0], b.shape[-1], dtype=torch.float64)
-    for t, slot in enumerate(token_slot):
-        if slot >= 0:
-            r = ranks[slot]
-            out[t] = (x[t].double() @ a[slot, :r].double().t()) @ b[slot, :r].double()
-    return out
-
-
 def run_case(case: Case, device: torch.device) -> None:
     """Run the kernels on one case and check them; raises AssertionError on a mismatch."""
     from loraplex.lora import triton_ops
@@ -164,7 +156,7 @@ def run_case(case: Case, device: torch.device) -> None:
     base_rows = torch.tensor([s < 0 for s in token_slot], device=device)
     for y0, out, a, b in zip(ys, outs, lora_as, lora_bs):
         x_c, a_c, b_c = x.cpu(), a.cpu(), b.cpu()
-        expected = y0.cpu().double() + _per_token(x_c, a_c, b_c, token_slot, data["slot_ranks"])
+        expected = y0.cpu().double() + per_token_lora(x_c, a_c, b_c, token_slot, data["slot_ranks"])
         torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
         assert torch.equal(out[base_rows], y0[base_rows]), "base-model tokens were changed"
         torch_path = y0.clone()

@@ -113,12 +113,15 @@ class EngineLoop:
             while True:
                 out = await queue.get()
                 finished = out.finished
+                if finished:
+                    log.debug("request %s finished: %s", rid, out.finish_reason, extra={"request_id": rid})
                 yield out
                 if finished:
                     return
         finally:
             self._streams.pop(rid, None)
             if not finished:
+                log.debug("request %s left before finishing: aborting it", rid, extra={"request_id": rid})
                 self.engine.abort(rid, "cancelled by the client")
 
     def abort_all(self, reason: str) -> None:

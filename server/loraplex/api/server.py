@@ -1,7 +1,7 @@
 """The gRPC server around one engine: service, health, reflection, auth, warm-up and drain.
 
-Start-up:  load the base (progress bar) → bind and listen (liveness SERVING) → warm up one
-           request → readiness SERVING.
+Start-up:  load the base (progress bar) → bind and listen (liveness SERVING), /metrics on
+           its own port → warm up one request → readiness SERVING.
 Running:   a watchdog turns readiness NOT_SERVING while the engine loop makes no progress.
 Shutdown:  SIGTERM/SIGINT → readiness NOT_SERVING, new calls UNAVAILABLE, in-flight streams
            get up to drain_timeout to finish, the rest end UNAVAILABLE, exit 0.
@@ -25,11 +25,12 @@ from grpc_reflection.v1alpha import reflection
 
 from loraplex.api.auth import AuthInterceptor
 from loraplex.api.engine_loop import EngineLoop
-from loraplex.api.service import LoraPlexService
+from loraplex.api.service import SHUTDOWN_REASON, LoraPlexService
 from loraplex.api.validation import GenerateArgs
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import SamplingParams
+from loraplex.metrics import Metrics
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
@@ -39,7 +40,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraPlex"].full_name  # "loraplex
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WATCHDOG_PERIOD_S = 0.5
-SHUTDOWN_REASON = "the server is shutting down"
 
 
 class Server:
@@ -54,11 +54,16 @@ class Server:
         self._watchdog: asyncio.Task[None] | None = None
         self.engine_loop: EngineLoop | None = None
         self.service: LoraPlexService | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_port = 0  # bound /metrics port; 0 while off
         self.on_ready: Callable[[], None] | None = None
 
     async def start(self) -> int:
         api = self.config.api
         self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop())
+        if api.metrics_port:
+            self.metrics = Metrics(self.engine, top_adapters=api.metrics_top_adapters)
+            self.metrics.attach(self.engine_loop)  # before the loop starts: warm-up counts too
         self.engine_loop.start()
         self.service = LoraPlexService(self.engine_loop, self.config)
         server = grpc.aio.server(interceptors=[AuthInterceptor(api.auth_tokens)])
@@ -72,6 +77,11 @@ class Server:
         await self.health.set(SERVICE_NAME, NOT_SERVING)  # not ready before warm-up
         await server.start()
         self._grpc = server
+        if self.metrics is not None:
+            try:
+                self.metrics_port = self.metrics.serve(api.host, api.metrics_port)
+            except OSError as e:
+                raise RuntimeError(f"cannot serve metrics on {api.host}:{api.metrics_port}: {e}") from e
         self._watchdog = asyncio.create_task(self._watch())
         log.info("listening on %s:%d (gRPC %s, health, reflection)", api.host, self.port, SERVICE_NAME)
         return self.port
@@ -124,6 +134,8 @@ class Server:
         assert self.engine_loop is not None and self._grpc is not None
         self.draining = True
         await self.health.set(SERVICE_NAME, NOT_SERVING)
+        if self.service is not None:
+            self.service.draining = True
         self.engine.stop_accepting()
         loop = self.engine_loop
         log.info("draining: %d streams in flight, up to %.1fs", loop.num_streams, timeout)
@@ -141,6 +153,8 @@ class Server:
         if self._watchdog is not None:
             self._watchdog.cancel()
         loop.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("stopped")
 
     async def stop(self) -> None:

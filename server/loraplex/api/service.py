@@ -23,6 +23,7 @@ from loraplex.api.validation import GenerateArgs, parse_generate
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import RequestOutput
+from loraplex.logs import current_request_id
 from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.lora.adapter_store import AdapterInfo, check_adapter_id
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
@@ -35,6 +36,7 @@ TIERS = {"registered": pb.ADAPTER_TIER_REGISTERED, "host": pb.ADAPTER_TIER_HOST,
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 UPLOAD_DIR = ".uploads"
 UNLOAD_POLL_S = 0.05
+SHUTDOWN_REASON = "the server is shutting down"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,12 +48,18 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method
     await context.abort(code, message)
 
 
+def _check_open(service: LoraPlexService) -> None:
+    if service.draining:
+        raise ApiError(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_REASON)
+
+
 def unary(method: F) -> F:
     """Map exceptions of a unary handler to statuses."""
 
     @functools.wraps(method)
     async def run(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _check_open(self)
             return await method(self, request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
@@ -67,6 +75,7 @@ def streaming(method: F) -> F:
     @functools.wraps(method)
     async def run(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _check_open(self)
             async for item in method(self, request, context):
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -108,15 +117,17 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         self.engine: Engine = engine_loop.engine
         self.config = config
         self.ready = False
+        self.draining = False  # set by Server.drain: new calls get UNAVAILABLE
 
     # -- generation ------------------------------------------------------------------------
 
     def _args(self, request: pb.GenerateRequest) -> GenerateArgs:
         args = parse_generate(request, vocab_size=self.engine.loaded.vocab_size, max_model_len=self.engine.max_model_len)
-        if args.adapter_id is not None:
-            adapter_id = resolve_adapter_id(current_caller(), args.adapter_id)
-            args = GenerateArgs(args.prompt, args.prompt_token_ids, adapter_id, args.params, args.request_id)
-        return args
+        adapter_id = None if args.adapter_id is None else resolve_adapter_id(current_caller(), args.adapter_id)
+        # The id is fixed here so that every log line of this call names it (logs.current_request_id).
+        request_id = args.request_id or self.loop.new_request_id()
+        current_request_id.set(request_id)
+        return GenerateArgs(args.prompt, args.prompt_token_ids, adapter_id, args.params, request_id)
 
     @unary
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:

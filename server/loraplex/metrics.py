@@ -1,0 +1,322 @@
+"""Prometheus metrics, one place: names, where each value comes from, the /metrics endpoint.
+
+    engine thread ── Engine.on_finish(request) ──> requests, tokens, latency histograms
+                  ── EngineLoop.on_step(outputs) ─> inter-token latency, step histograms
+    loader thread ── StoreListener.on_load ───────> adapter load latency per tier
+    scrape (HTTP) ── StateCollector ──────────────> gauges read from the live state, and the
+                                                    store's own counters (they include what
+                                                    happened before the server started)
+
+Every name starts with `loraplex_`; counters end in `_total`, durations are `_seconds`.
+Labels stay bounded: finish_reason (4 values), tier (3), and — only with
+`--metrics-top-adapters N` — adapter, held to the N busiest ids plus "(other)".
+
+Each Metrics owns its CollectorRegistry, so one process can run several servers (tests).
+The hooks run on the engine and loader threads: they never raise into them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loraplex import __version__
+from loraplex.engine.engine import usage_of
+from loraplex.engine.request import RequestStatus
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from loraplex.api.engine_loop import EngineLoop
+    from loraplex.engine.engine import Engine
+    from loraplex.engine.request import Request, RequestOutput
+    from loraplex.lora.adapter_store import Tier
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = tuple(s.value for s in RequestStatus if s.finished)  # stop, length, abort, error
+STORE_EVENTS = ("hits", "misses", "loads", "evictions")
+LOAD_TIERS = ("host", "device")  # host: read + validate from disk; device: copy into a slot
+BASE_LABEL = "(base)"  # parentheses never occur in an adapter id, so these cannot clash
+OTHER_LABEL = "(other)"
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self, engine: Engine, *, top_adapters: int = 0) -> None:
+        if top_adapters < 0:
+            raise ValueError(f"top_adapters must be >= 0, got {top_adapters}")
+        self.engine = engine
+        disable_created_metrics()  # no `_created` twin of every counter and histogram (process-wide)
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraplex_requests_total", "Finished requests by final status", ["finish_reason"], registry=r
+        )
+        for reason in FINISH_REASONS:
+            self.requests.labels(reason)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens_total", "Prompt tokens of finished requests", registry=r)
+        self.generated_tokens = Counter("loraplex_generated_tokens_total", "Tokens generated and streamed", registry=r)
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds", "Arrival to first generated token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "loraplex_inter_token_latency_seconds", "Time between a request's successive token outputs",
+            buckets=ITL_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "loraplex_e2e_request_latency_seconds", "Arrival to finish, any final status", buckets=E2E_BUCKETS, registry=r
+        )
+        self.queue = Histogram(
+            "loraplex_request_queue_time_seconds", "Arrival to first scheduled (or to the end, if never scheduled)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "loraplex_step_requests", "Batch size: requests in one engine step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_tokens = Histogram(
+            "loraplex_step_tokens", "Tokens computed in one engine step (prefill + decode)", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.step_adapters = Histogram(
+            "loraplex_step_adapters", "Distinct adapters in one engine step", buckets=ADAPTER_BUCKETS, registry=r
+        )
+        self.step_duration = Histogram(
+            "loraplex_step_duration_seconds", "Wall time of one engine step", buckets=STEP_BUCKETS, registry=r
+        )
+        self.preemptions = Counter(
+            "loraplex_preemptions_total", "Running requests preempted for KV blocks (recomputed later)", registry=r
+        )
+        self.load_latency = Histogram(
+            "loraplex_adapter_load_duration_seconds", "Bringing an adapter into a tier", ["tier"],
+            buckets=LOAD_BUCKETS, registry=r,
+        )
+        for tier in LOAD_TIERS:
+            self.load_latency.labels(tier)
+        self.adapter_requests = TopAdapters(top_adapters, r) if top_adapters else None
+        loaded = engine.loaded
+        Info("loraplex_build", "Server version and model", registry=r).info({
+            "version": __version__, "model_type": str(loaded.model_type), "quantization": str(loaded.quantization),
+            "device": str(loaded.device),
+        })
+        ProcessCollector(registry=r)
+        r.register(StateCollector(engine))
+
+        self._last_token: dict[str, float] = {}  # request id -> time of its last token output
+        self._attached: EngineLoop | None = None
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+        self._hook_failed = False
+
+    # -- wiring --------------------------------------------------------------------------
+
+    def attach(self, engine_loop: EngineLoop) -> None:
+        """Install the hooks; call before the engine loop starts so nothing is missed."""
+        self.engine.on_finish = self._guard(self.on_finish)
+        engine_loop.on_step = self._guard(self.on_step)
+        self.engine.store.listener = self
+        self._attached = engine_loop
+
+    def detach(self) -> None:
+        self.engine.on_finish = None
+        if self.engine.store.listener is self:
+            self.engine.store.listener = None
+        if self._attached is not None:
+            self._attached.on_step = None
+            self._attached = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint on its own thread; returns the bound port."""
+        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        self.detach()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=5)
+            self._http_thread = None
+
+    def render(self) -> bytes:
+        """The text exposition, as a scrape would see it."""
+        return generate_latest(self.registry)
+
+    def _guard(self, hook: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(arg: Any) -> None:
+            try:
+                hook(arg)
+            except Exception:  # metrics must never take the engine loop down
+                if not self._hook_failed:
+                    self._hook_failed = True
+                    log.exception("a metrics hook failed (reported once; metrics may be incomplete)")
+
+        return run
+
+    # -- hooks (engine thread) -------------------------------------------------------------
+
+    def on_finish(self, request: Request) -> None:
+        now = time.monotonic()
+        usage = usage_of(request)
+        self.requests.labels(request.status.value).inc()
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.e2e.observe(now - request.arrival_time)
+        self.queue.observe(usage.queue_time_s)
+        if usage.time_to_first_token_s is not None:
+            self.ttft.observe(usage.time_to_first_token_s)
+        if self.adapter_requests is not None:
+            self.adapter_requests.count(request.adapter_id or BASE_LABEL)
+
+    def on_step(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        generated = 0
+        for out in outputs:
+            if out.new_token_ids:
+                generated += len(out.new_token_ids)
+                last = self._last_token.get(out.request_id)
+                if last is not None:
+                    self.itl.observe(now - last)
+                self._last_token[out.request_id] = now
+            if out.finished:
+                self._last_token.pop(out.request_id, None)
+        if generated:
+            self.generated_tokens.inc(generated)
+        step = self.engine.last_step
+        if step is not None and step.num_requests:
+            self.batch_size.observe(step.num_requests)
+            self.step_tokens.observe(step.num_tokens)
+            self.step_adapters.observe(step.num_adapters)
+            self.step_duration.observe(step.duration_s)
+        if step is not None and step.num_preempted:
+            self.preemptions.inc(step.num_preempted)
+
+    # -- StoreListener (loader and engine threads) ----------------------------------------
+
+    def on_event(self, tier: Tier, event: str) -> None:
+        pass  # the StateCollector reads the store's own counters at scrape time
+
+    def on_load(self, tier: Tier, seconds: float) -> None:
+        try:
+            self.load_latency.labels(tier.value).observe(seconds)
+        except Exception:
+            log.exception("metrics: adapter load latency not recorded")
+
+
+class TopAdapters:
+    """Finished requests per adapter, with a label for at most the `top` busiest ids.
+
+    Labels are sticky so that every series only ever grows: an id that overtakes the
+    quietest labelled one takes its label from then on (its past stays in "(other)"); the
+    demoted id's series is removed and its later requests count as "(other)". rate() over
+    any series, and over their sum, stays right.
+    """
+
+    def __init__(self, top: int, registry: CollectorRegistry) -> None:
+        self.top = top
+        self.counter = Counter(
+            "loraplex_adapter_requests_total",
+            f"Finished requests per adapter: the {top} busiest ids, the rest as {OTHER_LABEL}",
+            ["adapter"], registry=registry,
+        )
+        self.counter.labels(OTHER_LABEL)
+        self.counts: dict[str, int] = {}  # id -> finished requests (ids are registered adapters: bounded)
+        self.labelled: set[str] = set()
+
+    def count(self, key: str) -> None:
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        if key not in self.labelled:
+            if len(self.labelled) < self.top:
+                self.labelled.add(key)
+            else:
+                quietest = min(self.labelled, key=lambda k: counts[k])
+                if counts[key] > counts[quietest]:
+                    self.labelled.discard(quietest)
+                    self.counter.remove(quietest)
+                    self.labelled.add(key)
+        self.counter.labels(key if key in self.labelled else OTHER_LABEL).inc()
+
+
+class StateCollector(Collector):
+    """Gauges that mirror live state, and the adapter store's counters, read per scrape."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        running = len(engine.scheduler.running)
+        yield _gauge("loraplex_requests_running", "Requests in the running batch", running)
+        yield _gauge(
+            "loraplex_requests_waiting", "Requests queued for KV blocks, a batch seat or their adapter",
+            max(0, engine.num_unfinished - running),
+        )
+        yield _gauge("loraplex_kv_blocks_used", "KV-cache blocks held by sequences", engine.blocks.num_used_blocks)
+        yield _gauge("loraplex_kv_blocks_free", "KV-cache blocks free", engine.blocks.num_free_blocks)
+
+        snap = engine.store.snapshot()
+        slot_bytes = engine.lora.pool_bytes // max(1, snap.device_slots)
+        resident = GaugeMetricFamily(
+            "loraplex_adapter_store_resident_adapters", "Adapters held in each tier", labels=["tier"]
+        )
+        resident.add_metric(["registered"], snap.registered)
+        resident.add_metric(["host"], snap.host_resident)
+        resident.add_metric(["device"], snap.device_resident)
+        yield resident
+        used = GaugeMetricFamily(
+            "loraplex_adapter_store_bytes", "Bytes of adapter weights held (device: occupied slots)", labels=["tier"]
+        )
+        used.add_metric(["host"], snap.host_bytes)
+        used.add_metric(["device"], snap.device_resident * slot_bytes)
+        yield used
+        budget = GaugeMetricFamily(
+            "loraplex_adapter_store_budget_bytes", "Bytes each tier may hold (device: the slot pool)", labels=["tier"]
+        )
+        budget.add_metric(["host"], snap.host_budget)
+        budget.add_metric(["device"], snap.device_slots * slot_bytes)
+        yield budget
+        yield _gauge("loraplex_adapter_store_device_slots", "Device adapter slots", snap.device_slots)
+
+        for event in STORE_EVENTS:
+            family = CounterMetricFamily(
+                f"loraplex_adapter_store_{event}", f"Adapter store {event} per tier", labels=["tier"]
+            )
+            for tier in LOAD_TIERS:
+                family.add_metric([tier], snap.counters.get((tier, event), 0))
+            yield family
+        registrations = CounterMetricFamily(
+            "loraplex_adapter_store_registrations", "Adapters registered (or re-registered with new content)"
+        )
+        registrations.add_metric([], snap.counters.get(("registered", "registrations"), 0))
+        yield registrations
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
