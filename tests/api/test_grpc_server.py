@@ -312,3 +312,14 @@ def test_overload_auth_and_shutdown(tiny_llama: TinyModel, adapter_root: Path) -
 def test_scheduler_config_is_validated() -> None:
     with pytest.raises(ValueError, match="max_num_seqs"):
         SchedulerConfig(max_num_seqs=0)
+
+
+def test_server_reflection_lists_the_services(server: BackgroundServer) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(_address(server)) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"loraplex.v1.LoraPlex", "grpc.health.v1.Health"} <= services
+        described = database.FindFileContainingSymbol("loraplex.v1.GenerateRequest")
+        assert "GenerateRequest" in [m.name for m in described.message_type]

@@ -9,7 +9,7 @@ import torch
 from lora_reference import per_token_lora
 
 from loraplex.lora import lora_ops
-from loraplex.lora.lora_ops import build_lora_batch, grouped_lora
+from loraplex.lora.lora_ops import build_lora_batch, grouped_lora, slot_views
 
 
 def _case(num_tokens: int, num_slots: int, seed: int, max_rank: int = 16) -> tuple:
@@ -57,3 +57,20 @@ def test_segments_merge_per_slot_and_skip_base() -> None:
     assert not build_lora_batch([(-1, 5)], [0], 16, 5, torch.float32, torch.device("cpu")).active
     with pytest.raises(ValueError, match="cover"):
         build_lora_batch([(0, 2)], [4], 16, 3, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("form", ["dense", "segments"])
+def test_slots_that_do_not_target_the_layer_add_nothing(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_ops, "DENSE_MAX_TOKEN_SLOTS", 10**9 if form == "dense" else 0)
+    x, a, b, runs, token_slot, ranks = _case(40, 4, seed=3)
+    skipped = next(s for s in token_slot if s >= 0)
+    assert len({s for s in token_slot if s >= 0}) > 1
+    batch = build_lora_batch(runs, ranks, a.shape[1], 40, torch.float32, torch.device("cpu"))
+    views = slot_views(a, b, ranks)
+    views[skipped] = None  # the adapter in this slot does not target this layer
+    base = torch.randn(40, b.shape[-1])
+    y = base.clone()
+    grouped_lora(y, x, a, b, batch, views)
+    kept = [s if s != skipped else -1 for s in token_slot]
+    expected = base.double() + per_token_lora(x, a, b, kept, ranks)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)

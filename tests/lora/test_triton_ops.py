@@ -27,7 +27,7 @@ import pytest
 import torch
 from lora_reference import per_token_lora
 
-from loraplex.lora.lora_ops import build_lora_batch, grouped_lora, lora_segments
+from loraplex.lora.lora_ops import build_lora_batch, grouped_lora, lora_segments, slot_views
 from loraplex.lora.triton_ops import build_triton_batch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -160,7 +160,7 @@ def run_case(case: Case, device: torch.device) -> None:
         torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
         assert torch.equal(out[base_rows], y0[base_rows]), "base-model tokens were changed"
         torch_path = y0.clone()
-        lora_segments(torch_path, x, a, b, batch.segments)
+        lora_segments(torch_path, x, slot_views(a, b, data["slot_ranks"]), batch.segments, batch.num_tokens)
         torch.testing.assert_close(out, torch_path, rtol=tol, atol=tol)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loraplex.lora.adapter import AdapterWeights, BaseLayerInfo
-from loraplex.lora.lora_ops import EMPTY_BATCH, LoraBatch, grouped_lora
+from loraplex.lora.lora_ops import EMPTY_BATCH, LoraBatch, SlotViews, grouped_lora
 
 # The projections of Llama / Mistral / Qwen2-style blocks; other linear layers inside the
 # decoder blocks are wrapped too (PEFT's "all-linear" also takes every linear but lm_head).
@@ -48,13 +48,16 @@ class LoraLinear(nn.Module):
         self.register_buffer("lora_b", torch.zeros(max_loras, max_rank, out_features, dtype=dtype, device=device))
         self.lora_a: torch.Tensor
         self.lora_b: torch.Tensor
+        self.views: SlotViews = [None] * max_loras
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.state.batch
-        if batch.active:
+        if batch.segments:
             # x: [1, T, d_in] packed tokens; y: [1, T, d_out]
-            grouped_lora(y.view(-1, self.out_features), x.view(-1, self.in_features), self.lora_a, self.lora_b, batch)
+            grouped_lora(
+                y.view(-1, self.out_features), x.view(-1, self.in_features), self.lora_a, self.lora_b, batch, self.views
+            )
         return y
 
 
@@ -107,6 +110,10 @@ class LoraModel:
                 layer.lora_b[slot, :r].copy_(module.b, non_blocking=True)
                 layer.lora_b[slot, r:].zero_()
         self.slot_ranks[slot] = weights.rank
+        for name, layer in self.layers.items():
+            module = weights.modules.get(name)
+            # Views over this layer's own rank; None where the adapter does not target the layer.
+            layer.views[slot] = None if module is None else (layer.lora_a[slot, : module.a.shape[0]].t(), layer.lora_b[slot, : module.a.shape[0]])
 
     def clear_slot(self, slot: int) -> None:
         with torch.no_grad():
@@ -114,6 +121,8 @@ class LoraModel:
                 layer.lora_a[slot].zero_()
                 layer.lora_b[slot].zero_()
         self.slot_ranks[slot] = 0
+        for layer in self.layers.values():
+            layer.views[slot] = None
 
     def __iter__(self) -> Iterator[LoraLinear]:
         return iter(self.layers.values())

@@ -101,27 +101,53 @@ def build_lora_batch(
     return batch
 
 
-def grouped_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch) -> None:
+# Per-slot views of one layer's pool: (Aᵀ [d_in, rank], Bᵀ [rank, d_out]); None for an empty slot.
+SlotViews = list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+def slot_views(lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list[int]) -> SlotViews:
+    return [(lora_a[s, :r].t(), lora_b[s, :r]) if r else None for s, r in enumerate(ranks)]
+
+
+def grouped_lora(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch,
+    views: SlotViews | None = None,
+) -> None:
     """Add each token's adapter update to y, in place.
 
     y: [T, d_out], x: [T, d_in], lora_a: [slots, r, d_in], lora_b: [slots, r, d_out].
+    views: the layer's per-slot views, kept by the layer so a step does not rebuild them; None
+        for a slot whose adapter does not target this layer, whose tokens are then skipped
+        (an adapter on q and v costs nothing in the other layers).
     """
+    if views is None:
+        ranks = [0] * lora_a.shape[0]
+        for s in batch.segments:
+            ranks[s.slot] = s.rank
+        views = slot_views(lora_a, lora_b, ranks)
+    segments = [s for s in batch.segments if views[s.slot] is not None]  # this layer's
+    if not segments:
+        return
     if batch.triton is not None:
         from loraplex.lora.triton_ops import sgmv_lora
 
         sgmv_lora(y, x, lora_a, lora_b, batch.triton)
-    elif batch.dense:
+    elif batch.dense and len(segments) == len(batch.segments):
         lora_dense(y, x, lora_a, lora_b, batch)
     else:
-        lora_segments(y, x, lora_a, lora_b, batch.segments)
+        lora_segments(y, x, views, segments, batch.num_tokens)
 
 
-def lora_segments(
-    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, segments: list[Segment]
-) -> None:
+def lora_segments(y: torch.Tensor, x: torch.Tensor, views: SlotViews, segments: list[Segment], num_tokens: int) -> None:
     for s in segments:
-        v = x[s.start : s.end] @ lora_a[s.slot, : s.rank].t()  # shrink: [n, r]
-        y[s.start : s.end].addmm_(v, lora_b[s.slot, : s.rank])  # expand: [n, d_out]
+        view = views[s.slot]
+        if view is None:
+            continue  # the adapter does not target this layer
+        a_t, b = view
+        if s.end - s.start == num_tokens:  # one adapter for the whole step: no slicing
+            y.addmm_(torch.mm(x, a_t), b)
+        else:
+            y[s.start : s.end].addmm_(torch.mm(x[s.start : s.end], a_t), b)  # shrink [n, r], expand [n, d_out]
 
 
 def lora_dense(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch) -> None:
