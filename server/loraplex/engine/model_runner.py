@@ -21,7 +21,7 @@ from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledBatch
 from loraplex.lora.lora_layer import LoraModel
-from loraplex.lora.lora_ops import EMPTY_BATCH, build_lora_batch
+from loraplex.lora.lora_ops import build_lora_batch
 from loraplex.model.loader import LoadedModel
 
 
@@ -124,7 +124,7 @@ class ModelRunner:
                 loraplex_attn=meta,
             )
         finally:
-            self.lora.state.batch = EMPTY_BATCH
+            self.lora.end_step()
             self.kv_cache.meta = None
         return StepResult(
             logits=out.logits[0],

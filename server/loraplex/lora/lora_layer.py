@@ -8,6 +8,10 @@ Each wrapped layer owns its slice of the slot pool: A [max_loras, max_lora_rank,
 Bᵀ [max_loras, max_lora_rank, d_out]. Putting an adapter on the device is one copy per layer
 into a slot; a layer the adapter does not target keeps zeros in that slot. The model's
 structure never changes after start-up.
+
+Projections that read the same input (q/k/v, gate/up) form a ProjectionGroup: on CUDA the
+first of them to run does the Triton shrink of all of them in one launch, and each then
+runs only its own expand.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from loraplex.lora.lora_ops import EMPTY_BATCH, LoraBatch, SlotViews, grouped_lo
 # The projections of Llama / Mistral / Qwen2-style blocks; other linear layers inside the
 # decoder blocks are wrapped too (PEFT's "all-linear" also takes every linear but lm_head).
 EXCLUDED = ("lm_head",)
+# Siblings that transformers' Llama / Mistral / Qwen2 code calls with one input tensor.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class LoraStepState:
@@ -49,16 +55,48 @@ class LoraLinear(nn.Module):
         self.lora_a: torch.Tensor
         self.lora_b: torch.Tensor
         self.views: SlotViews = [None] * max_loras
+        self.group: ProjectionGroup | None = None
+        self.group_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.state.batch
         if batch.segments:
             # x: [1, T, d_in] packed tokens; y: [1, T, d_out]
-            grouped_lora(
-                y.view(-1, self.out_features), x.view(-1, self.in_features), self.lora_a, self.lora_b, batch, self.views
-            )
+            y2, x2 = y.view(-1, self.out_features), x.view(-1, self.in_features)
+            if batch.triton is not None and self.group is not None:
+                self.group.apply(self, x, y2, x2, batch)
+            else:
+                grouped_lora(y2, x2, self.lora_a, self.lora_b, batch, self.views)
         return y
+
+
+class ProjectionGroup:
+    """LoRA layers fed the same input tensor; one fused Triton shrink serves them all."""
+
+    __slots__ = ("_input", "_v", "layers")
+
+    def __init__(self, layers: list[LoraLinear]) -> None:
+        self.layers = layers
+        self._input: torch.Tensor | None = None  # the input the cached shrink was computed for
+        self._v: torch.Tensor | None = None  # [P, T, R]
+        for i, layer in enumerate(layers):
+            layer.group, layer.group_index = self, i
+
+    def apply(self, layer: LoraLinear, x: torch.Tensor, y2: torch.Tensor, x2: torch.Tensor, batch: LoraBatch) -> None:
+        from loraplex.lora.triton_ops import sgmv_expand, sgmv_shrink_multi
+
+        assert batch.triton is not None
+        if not any(layer.views[s.slot] is not None for s in batch.segments):
+            return  # no adapter of this step targets this projection
+        if self._input is not x:  # the first sibling to run: shrink for all of them
+            self._v = sgmv_shrink_multi(x2, [m.lora_a for m in self.layers], batch.triton)
+            self._input = x
+        assert self._v is not None
+        sgmv_expand(y2, self._v[layer.group_index], layer.lora_b, batch.triton)
+
+    def reset(self) -> None:
+        self._input = self._v = None
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -90,6 +128,26 @@ class LoraModel:
             self.layers[name] = layer
         if not self.layers:
             raise ValueError("the base model has no linear layers to put LoRA on")
+        self.groups = self._find_groups()
+
+    def _find_groups(self) -> list[ProjectionGroup]:
+        groups = []
+        for names in SHARED_INPUT:
+            for name in self.layers:
+                prefix, _, child = name.rpartition(".")
+                if child != names[0]:
+                    continue
+                members = [self.layers.get(f"{prefix}.{n}") for n in names]
+                found = [m for m in members if m is not None]
+                if len(found) == len(names) and len({m.in_features for m in found}) == 1:
+                    groups.append(ProjectionGroup(found))
+        return groups
+
+    def end_step(self) -> None:
+        """Drop the step's cached shrinks (and the inputs they hold)."""
+        self.state.batch = EMPTY_BATCH
+        for group in self.groups:
+            group.reset()
 
     @property
     def layer_infos(self) -> dict[str, BaseLayerInfo]:
