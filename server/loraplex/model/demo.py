@@ -107,7 +107,7 @@ def _train(model: torch.nn.Module, batches: Callable[[], tuple[torch.Tensor, tor
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _pad(seqs: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
