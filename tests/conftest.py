@@ -43,7 +43,7 @@ class TinyModel:
 
 
 def _tiny_config(arch: str, vocab_size: int) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -52,6 +52,8 @@ def _tiny_config(arch: str, vocab_size: int) -> Any:
     )
     if arch == "llama":
         return LlamaConfig(**common)
+    if arch == "mistral":  # a window shorter than the test sequences
+        return MistralConfig(**common, sliding_window=12)
     return Qwen2Config(**common, use_sliding_window=False)
 
 
@@ -87,6 +89,10 @@ def _build(arch: str, root: Path, tokenizer: Any, seed: int) -> TinyModel:
     for i, (name, settings) in enumerate(ADAPTER_SETTINGS.items()):
         tiny.adapters[name] = make_adapter(path, root / arch / "adapters" / name, seed + 10 + i, **settings)
     return tiny
+
+
+def build_tiny(arch: str, root: Path, tokenizer: Any, seed: int) -> TinyModel:
+    return _build(arch, root, tokenizer, seed)
 
 
 @pytest.fixture(scope="session")
