@@ -4,6 +4,7 @@ Needs only grpcio and protobuf. Results are plain dataclasses (types.py); failed
 raise LoraplexError subclasses (errors.py).
 """
 
+from loraplex_client._convert import GenerateOptions
 from loraplex_client.aio import AsyncClient
 from loraplex_client.client import Client
 from loraplex_client.errors import (
@@ -42,6 +43,7 @@ __all__ = [
     "Client",
     "DeadlineExceededError",
     "GenerateChunk",
+    "GenerateOptions",
     "GenerateResult",
     "GenerateStream",
     "InternalServerError",

@@ -7,6 +7,7 @@ The only module besides the clients that touches loraplex_pb2, so the types user
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypedDict, Unpack
 
 import grpc
 
@@ -37,22 +38,24 @@ _TIERS = {
 }
 
 
-def generate_request(
-    prompt: str | None,
-    *,
-    prompt_token_ids: Sequence[int] | None,
-    adapter_id: str | None,
-    max_new_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    seed: int | None,
-    stop: str | Sequence[str] | None,
-    stop_token_ids: Sequence[int] | None,
-    ignore_eos: bool,
-    repetition_penalty: float | None,
-    request_id: str | None,
-) -> pb.GenerateRequest:
+class GenerateOptions(TypedDict, total=False):
+    """Generation keyword arguments, named as the GenerateRequest fields; unset = server default."""
+
+    prompt_token_ids: Sequence[int] | None
+    adapter_id: str | None
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: str | Sequence[str] | None
+    stop_token_ids: Sequence[int] | None
+    ignore_eos: bool
+    repetition_penalty: float | None
+    request_id: str | None
+
+
+def generate_request(prompt: str | None, **options: Unpack[GenerateOptions]) -> pb.GenerateRequest:
     """A GenerateRequest holding only the fields the caller set.
 
     None leaves a field unset: for the proto's `optional` fields that is what lets the
@@ -60,23 +63,13 @@ def generate_request(
     as set. Values the proto cannot hold raise InvalidRequestError naming the field,
     as the server would.
     """
+    stop = options.get("stop")
     if isinstance(stop, str):  # one stop string, not one per character
         stop = [stop]
-    fields = {
-        "prompt": prompt,
-        "prompt_token_ids": prompt_token_ids,
-        "adapter_id": adapter_id,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "seed": seed,
-        "stop": stop,
-        "stop_token_ids": stop_token_ids,
-        "ignore_eos": ignore_eos,
-        "repetition_penalty": repetition_penalty,
-        "request_id": request_id,
-    }
+    unknown = set(options) - set(GenerateOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unexpected generation arguments: {', '.join(sorted(unknown))}")
+    fields: dict[str, Any] = {"prompt": prompt, **options, "stop": stop}
     request = pb.GenerateRequest()
     for name, value in fields.items():
         if value is None:

@@ -10,15 +10,15 @@ Create it inside the event loop that will use it: a grpc.aio channel belongs to 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
 from loraplex_client import _convert, _health, _upload
 from loraplex_client._channel import auth_metadata, channel_credentials, deadline
+from loraplex_client._convert import GenerateOptions
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import HEALTH_TIMEOUT_S
@@ -64,76 +64,26 @@ class AsyncClient:
         self,
         prompt: str | None = None,
         *,
-        prompt_token_ids: Sequence[int] | None = None,
-        adapter_id: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        repetition_penalty: float | None = None,
-        request_id: str | None = None,
         timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> GenerateResult:
         """Run one request to completion. Arguments left None take the server's defaults."""
-        request = _convert.generate_request(
-            prompt,
-            prompt_token_ids=prompt_token_ids,
-            adapter_id=adapter_id,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            repetition_penalty=repetition_penalty,
-            request_id=request_id,
-        )
+        request = _convert.generate_request(prompt, **options)
         return _convert.generate_result(await self._call(self._stub.Generate, request, timeout))
 
     def generate_stream(
         self,
         prompt: str | None = None,
         *,
-        prompt_token_ids: Sequence[int] | None = None,
-        adapter_id: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        repetition_penalty: float | None = None,
-        request_id: str | None = None,
         timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> AsyncGenerateStream:
         """Start a request and iterate its chunks as the engine produces them.
 
         Leaving the iteration early cancels the request on the server (see stream.py);
         timeout bounds the whole stream, not each chunk.
         """
-        request = _convert.generate_request(
-            prompt,
-            prompt_token_ids=prompt_token_ids,
-            adapter_id=adapter_id,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            repetition_penalty=repetition_penalty,
-            request_id=request_id,
-        )
+        request = _convert.generate_request(prompt, **options)
         call = self._stub.GenerateStream(
             request, timeout=deadline(timeout, self._timeout), metadata=self._metadata
         )
