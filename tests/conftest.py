@@ -134,6 +134,16 @@ def engine_config(
     )
 
 
+def wait_idle(engine: Any, timeout: float = 10.0) -> None:
+    """Wait until a server's engine has no unfinished request (its own thread runs the steps)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.has_unfinished()
+
+
 def make_engine(tiny: TinyModel, register: bool = True, **kwargs: Any) -> Any:
     from loraplex.engine.engine import Engine
 

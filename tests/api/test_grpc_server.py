@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TinyModel, engine_config, make_adapter
+from conftest import TinyModel, engine_config, make_adapter, wait_idle
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, SchedulerConfig, ServerConfig
 from loraplex.engine.engine import Engine
@@ -92,13 +92,6 @@ def _engine(server: BackgroundServer) -> Engine:
     return server.server.engine
 
 
-def _wait_idle(engine: Engine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.has_unfinished() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not engine.has_unfinished()
-
-
 def test_32_concurrent_streams_match_the_in_process_engine(
     client: Client, server: BackgroundServer, tiny_llama: TinyModel, adapter_root: Path
 ) -> None:
@@ -125,7 +118,7 @@ def test_32_concurrent_streams_match_the_in_process_engine(
         results = list(pool.map(stream, jobs))
     for (tokens, text, reason), exp in zip(results, expected):
         assert tokens == exp.token_ids and text == exp.text and reason == "length"
-    _wait_idle(_engine(server))
+    wait_idle(_engine(server))
     assert _engine(server).blocks.num_free_blocks == _engine(server).blocks.num_blocks
 
 
@@ -145,7 +138,7 @@ def test_unary_generate_and_usage(client: Client) -> None:
 
 def test_cancelled_stream_frees_blocks_and_slot(client: Client, server: BackgroundServer) -> None:
     engine = _engine(server)
-    _wait_idle(engine)
+    wait_idle(engine)
     free = engine.blocks.num_free_blocks
     stream = client.generate_stream(prompt_token_ids=list(range(5, 60)), adapter_id="qv-r4", max_new_tokens=400, ignore_eos=True)
     received = 0
@@ -156,18 +149,18 @@ def test_cancelled_stream_frees_blocks_and_slot(client: Client, server: Backgrou
     version = engine.store.resolve("qv-r4")
     assert version.slot_refs >= 0
     stream.close()
-    _wait_idle(engine)
+    wait_idle(engine)
     assert engine.blocks.num_free_blocks == free
     assert version.slot_refs == 0 and version.requests == 0
 
 
 def test_deadline_exceeded_frees_everything(client: Client, server: BackgroundServer) -> None:
     engine = _engine(server)
-    _wait_idle(engine)
+    wait_idle(engine)
     free = engine.blocks.num_free_blocks
     with pytest.raises(DeadlineExceededError):
         client.generate(prompt_token_ids=[5, 6, 7], adapter_id="all-r8-rslora", max_new_tokens=500, ignore_eos=True, timeout=0.3)
-    _wait_idle(engine)
+    wait_idle(engine)
     assert engine.blocks.num_free_blocks == free
     assert engine.store.resolve("all-r8-rslora").slot_refs == 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TinyModel, engine_config
+from conftest import TinyModel, engine_config, wait_idle
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
@@ -96,13 +95,6 @@ def _port(server: BackgroundServer) -> int:
     return server.server.metrics_port
 
 
-def _wait_idle(engine: Engine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.has_unfinished() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not engine.has_unfinished()
-
-
 EXPECTED_FAMILIES = {
     "loraplex_requests": "counter",
     "loraplex_prompt_tokens": "counter",
@@ -160,7 +152,7 @@ def test_every_family_is_exposed_with_its_type_and_bounded_labels(server: Backgr
 
 def test_gauges_mirror_live_traffic(client: Client, server: BackgroundServer) -> None:
     engine = server.server.engine
-    _wait_idle(engine)
+    wait_idle(engine)
     streams = [
         client.generate_stream(prompt_token_ids=[5 + i, 6, 7], max_new_tokens=300, ignore_eos=True) for i in range(3)
     ]
@@ -172,7 +164,7 @@ def test_gauges_mirror_live_traffic(client: Client, server: BackgroundServer) ->
     assert value(during, "loraplex_kv_blocks_used") >= 3
     for s in streams:
         s.close()
-    _wait_idle(engine)
+    wait_idle(engine)
     after, _ = scrape(_port(server))
     assert value(after, "loraplex_requests_running") == 0 and value(after, "loraplex_requests_waiting") == 0
     assert value(after, "loraplex_kv_blocks_used") == 0
@@ -181,7 +173,7 @@ def test_gauges_mirror_live_traffic(client: Client, server: BackgroundServer) ->
 
 def test_traffic_is_counted_once_and_histograms_observe_each_request(client: Client, server: BackgroundServer) -> None:
     engine = server.server.engine
-    _wait_idle(engine)
+    wait_idle(engine)
     before, _ = scrape(_port(server))
     new_tokens = 6
     jobs = [([5 + i, 17, 33 + i, 9], ([*ADAPTERS, None])[i % 5]) for i in range(15)]  # 3 per adapter, 3 on the base
@@ -195,7 +187,7 @@ def test_traffic_is_counted_once_and_histograms_observe_each_request(client: Cli
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(run, jobs))
-    _wait_idle(engine)
+    wait_idle(engine)
     after, _ = scrape(_port(server))
     n = len(jobs)
     assert all(len(r) == new_tokens for r in results)
@@ -237,7 +229,7 @@ def test_traffic_is_counted_once_and_histograms_observe_each_request(client: Cli
 
 def test_adapter_store_hits_loads_and_evictions(client: Client, server: BackgroundServer, adapter_root: Path) -> None:
     engine = server.server.engine
-    _wait_idle(engine)
+    wait_idle(engine)
     before, _ = scrape(_port(server))
     # New ids for the same directories: four host misses and loads, then hits.
     fresh = [f"fresh/{name}" for name in ADAPTERS]
@@ -246,7 +238,7 @@ def test_adapter_store_hits_loads_and_evictions(client: Client, server: Backgrou
     for round_ in range(2):  # round 2: every adapter was evicted from the 2 device slots in between
         for adapter_id in fresh:
             client.generate(prompt_token_ids=[5, 6, 7 + round_], adapter_id=adapter_id, max_new_tokens=2, ignore_eos=True)
-    _wait_idle(engine)
+    wait_idle(engine)
     after, _ = scrape(_port(server))
 
     assert delta(after, before, "loraplex_adapter_store_registrations_total") == len(fresh)
@@ -284,7 +276,7 @@ def test_adapter_store_hits_loads_and_evictions(client: Client, server: Backgrou
 
 def test_errors_and_aborts_are_final_statuses(client: Client, server: BackgroundServer) -> None:
     engine = server.server.engine
-    _wait_idle(engine)
+    wait_idle(engine)
     before, _ = scrape(_port(server))
     runner = engine.runner
     original = runner.run
@@ -304,7 +296,7 @@ def test_errors_and_aborts_are_final_statuses(client: Client, server: Background
     stream = client.generate_stream(prompt_token_ids=[5, 6], max_new_tokens=300, ignore_eos=True)
     next(stream)
     stream.close()
-    _wait_idle(engine)
+    wait_idle(engine)
     after, _ = scrape(_port(server))
     assert delta(after, before, "loraplex_requests_total", finish_reason="error") == 1
     assert delta(after, before, "loraplex_requests_total", finish_reason="abort") == 1
