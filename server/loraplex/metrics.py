@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from loraplex.api.engine_loop import EngineLoop
     from loraplex.engine.engine import Engine
     from loraplex.engine.request import Request, RequestOutput
-    from loraplex.lora.adapter_store import Tier
+    from loraplex.lora.adapter_version import Tier
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TinyModel, make_engine
 from loraplex.engine.request import SamplingParams
-from loraplex.lora.adapter_store import AdapterNotFoundError
+from loraplex.lora.adapter_version import AdapterNotFoundError
 
 ADAPTERS: list[str | None] = ["qv-r4", "all-r8-rslora", "all-r16-patterns", "attn-r8-layer0", None]
 GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TinyModel, make_engine
 from loraplex.engine.request import SamplingParams
 from loraplex.lora.adapter import AdapterError
-from loraplex.lora.adapter_store import AdapterNotFoundError
+from loraplex.lora.adapter_version import AdapterNotFoundError
 
 NUM_ADAPTERS = 50
 NUM_REQUESTS = 200

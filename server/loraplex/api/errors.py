@@ -6,7 +6,7 @@ import grpc
 
 from loraplex.engine.engine import DuplicateRequestError, EngineClosedError, EngineOverloadedError
 from loraplex.lora.adapter import AdapterError
-from loraplex.lora.adapter_store import AdapterNotFoundError
+from loraplex.lora.adapter_version import AdapterNotFoundError
 
 
 class ApiError(Exception):

@@ -25,7 +25,7 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.request import RequestOutput
 from loraplex.logs import current_request_id
 from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.lora.adapter_store import AdapterInfo, check_adapter_id
+from loraplex.lora.adapter_version import AdapterInfo, check_adapter_id
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 

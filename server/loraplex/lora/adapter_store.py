@@ -18,126 +18,31 @@ No torch here: reading tensors and writing slots are injected (`load_fn`, `slots
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from loraplex.config import ADAPTER_ID_RE
 from loraplex.engine.scheduler import SlotState
 from loraplex.lora.adapter import AdapterError, AdapterSpec, AdapterWeights, BaseLayerInfo, read_spec
+from loraplex.lora.adapter_version import (
+    AdapterInfo,
+    AdapterNotFoundError,
+    AdapterStats,
+    AdapterVersion,
+    SlotWriter,
+    StoreListener,
+    StoreSnapshot,
+    Tier,
+    check_adapter_id,
+    resolve_adapter_path,
+)
 
 log = logging.getLogger(__name__)
-
-
-class AdapterNotFoundError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "adapter not found"
-
-
-class AdapterInUseError(RuntimeError):
-    pass
-
-
-class Tier(enum.Enum):
-    REGISTERED = "registered"
-    HOST = "host"
-    DEVICE = "device"
-
-
-class SlotWriter(Protocol):
-    """The device side (lora_layer.LoraModel)."""
-
-    max_loras: int
-
-    def write_slot(self, slot: int, weights: AdapterWeights) -> None: ...
-
-    def clear_slot(self, slot: int) -> None: ...
-
-
-class StoreListener(Protocol):
-    """Hooks for metrics; every method is optional to act on."""
-
-    def on_event(self, tier: Tier, event: str) -> None: ...
-
-    def on_load(self, tier: Tier, seconds: float) -> None: ...
-
-
-@dataclass
-class AdapterStats:
-    host_hits: int = 0
-    host_misses: int = 0
-    device_hits: int = 0
-    device_misses: int = 0
-    loads: int = 0
-    evictions: int = 0
-    requests: int = 0
-    last_used: float = 0.0  # wall clock
-    last_load_s: float = 0.0
-
-
-@dataclass(eq=False)
-class AdapterVersion:
-    adapter_id: str
-    version: int
-    spec: AdapterSpec
-    host_bytes: int
-    weights: AdapterWeights | None = None
-    slot: int | None = None
-    loading: bool = False
-    queued: bool = False
-    error: str | None = None
-    requests: int = 0  # unfinished requests holding this version
-    slot_refs: int = 0  # running requests using its slot
-    retired: bool = False
-    pinned: bool = False
-    stats: AdapterStats = field(default_factory=AdapterStats)
-
-    @property
-    def key(self) -> str:
-        return f"{self.adapter_id}@{self.version}"
-
-    @property
-    def tier(self) -> Tier:
-        if self.slot is not None:
-            return Tier.DEVICE
-        return Tier.HOST if self.weights is not None else Tier.REGISTERED
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterInfo:
-    """A snapshot for list / get calls and metrics."""
-
-    adapter_id: str
-    version: int
-    path: str
-    tier: str
-    rank: int
-    target_modules: tuple[str, ...]
-    host_bytes: int
-    pinned: bool
-    loading: bool
-    error: str | None
-    active_requests: int
-    content_hash: str
-    stats: AdapterStats
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSnapshot:
-    host_bytes: int
-    host_budget: int
-    host_resident: int
-    device_resident: int
-    device_slots: int
-    registered: int
-    counters: Mapping[tuple[str, str], int]
 
 
 class AdapterStore:
@@ -184,25 +89,7 @@ class AdapterStore:
     # -- registration (API threads) ------------------------------------------------------
 
     def resolve_path(self, path: str | Path, *, relative_only: bool = False) -> Path:
-        """An adapter directory inside one of the adapter roots (symlinks resolved)."""
-        p = Path(path)
-        if relative_only and p.is_absolute():
-            raise AdapterError(f"adapter path {str(path)!r} must be relative to the adapter root")
-        if not self.roots:
-            if relative_only:
-                raise AdapterError("no adapter root is configured")
-            return p.resolve()
-        candidates = [p] if p.is_absolute() else [root / p for root in self.roots]
-        for candidate in candidates:
-            resolved = candidate.resolve()
-            if any(resolved == root or root in resolved.parents for root in self.roots):
-                if resolved.is_dir():
-                    return resolved
-            elif candidate.exists() or not p.is_absolute():
-                raise AdapterError(f"adapter path {str(path)!r} resolves outside the adapter roots")
-        if p.is_absolute():
-            raise AdapterError(f"adapter path {str(path)!r} is outside the adapter roots")
-        raise AdapterError(f"adapter path {str(path)!r} is not a directory under the adapter roots")
+        return resolve_adapter_path(self.roots, path, relative_only=relative_only)
 
     def register(self, adapter_id: str, path: str | Path, *, pin: bool = False, relative_only: bool = False) -> AdapterVersion:
         """Register (or re-register) an adapter. Validates config and tensor shapes now."""
@@ -551,13 +438,3 @@ class AdapterStore:
     def version(self, key: str) -> AdapterVersion | None:
         with self._lock:
             return self._versions.get(key)
-
-
-def check_adapter_id(adapter_id: str) -> None:
-    if not ADAPTER_ID_RE.match(adapter_id or ""):
-        raise AdapterError(
-            f"adapter id {adapter_id!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ / -"
-        )
-    if adapter_id.startswith("/") or ".." in adapter_id.split("/"):
-        raise AdapterError(f"adapter id {adapter_id!r} is invalid: no leading '/' or '..' parts")
-

@@ -1,0 +1,150 @@
+"""What the adapter store holds and reports: versions, tiers, counters, snapshots; ids and paths.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loraplex.config import ADAPTER_ID_RE
+from loraplex.lora.adapter import AdapterError, AdapterSpec, AdapterWeights
+
+
+class AdapterNotFoundError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "adapter not found"
+
+
+class AdapterInUseError(RuntimeError):
+    pass
+
+
+class Tier(enum.Enum):
+    REGISTERED = "registered"
+    HOST = "host"
+    DEVICE = "device"
+
+
+class SlotWriter(Protocol):
+    """The device side (lora_layer.LoraModel)."""
+
+    max_loras: int
+
+    def write_slot(self, slot: int, weights: AdapterWeights) -> None: ...
+
+    def clear_slot(self, slot: int) -> None: ...
+
+
+class StoreListener(Protocol):
+    """Hooks for metrics; every method is optional to act on."""
+
+    def on_event(self, tier: Tier, event: str) -> None: ...
+
+    def on_load(self, tier: Tier, seconds: float) -> None: ...
+
+
+@dataclass
+class AdapterStats:
+    host_hits: int = 0
+    host_misses: int = 0
+    device_hits: int = 0
+    device_misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    requests: int = 0
+    last_used: float = 0.0  # wall clock
+    last_load_s: float = 0.0
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    adapter_id: str
+    version: int
+    spec: AdapterSpec
+    host_bytes: int
+    weights: AdapterWeights | None = None
+    slot: int | None = None
+    loading: bool = False
+    queued: bool = False
+    error: str | None = None
+    requests: int = 0  # unfinished requests holding this version
+    slot_refs: int = 0  # running requests using its slot
+    retired: bool = False
+    pinned: bool = False
+    stats: AdapterStats = field(default_factory=AdapterStats)
+
+    @property
+    def key(self) -> str:
+        return f"{self.adapter_id}@{self.version}"
+
+    @property
+    def tier(self) -> Tier:
+        if self.slot is not None:
+            return Tier.DEVICE
+        return Tier.HOST if self.weights is not None else Tier.REGISTERED
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """A snapshot for list / get calls and metrics."""
+
+    adapter_id: str
+    version: int
+    path: str
+    tier: str
+    rank: int
+    target_modules: tuple[str, ...]
+    host_bytes: int
+    pinned: bool
+    loading: bool
+    error: str | None
+    active_requests: int
+    content_hash: str
+    stats: AdapterStats
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    host_bytes: int
+    host_budget: int
+    host_resident: int
+    device_resident: int
+    device_slots: int
+    registered: int
+    counters: Mapping[tuple[str, str], int]
+
+
+def check_adapter_id(adapter_id: str) -> None:
+    if not ADAPTER_ID_RE.match(adapter_id or ""):
+        raise AdapterError(
+            f"adapter id {adapter_id!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ / -"
+        )
+    if adapter_id.startswith("/") or ".." in adapter_id.split("/"):
+        raise AdapterError(f"adapter id {adapter_id!r} is invalid: no leading '/' or '..' parts")
+
+
+def resolve_adapter_path(roots: tuple[Path, ...], path: str | Path, *, relative_only: bool = False) -> Path:
+    """An adapter directory inside one of the adapter roots (symlinks resolved)."""
+    p = Path(path)
+    if relative_only and p.is_absolute():
+        raise AdapterError(f"adapter path {str(path)!r} must be relative to the adapter root")
+    if not roots:
+        if relative_only:
+            raise AdapterError("no adapter root is configured")
+        return p.resolve()
+    candidates = [p] if p.is_absolute() else [root / p for root in roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if any(resolved == root or root in resolved.parents for root in roots):
+            if resolved.is_dir():
+                return resolved
+        elif candidate.exists() or not p.is_absolute():
+            raise AdapterError(f"adapter path {str(path)!r} resolves outside the adapter roots")
+    if p.is_absolute():
+        raise AdapterError(f"adapter path {str(path)!r} is outside the adapter roots")
+    raise AdapterError(f"adapter path {str(path)!r} is not a directory under the adapter roots")
