@@ -97,3 +97,26 @@ def test_seeded_sampling_ignores_batch_mates(llama_engine: Any) -> None:
     assert mixed[-1].token_ids == alone
     unseeded = llama_engine.generate([prompt] * 2, SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True))
     assert unseeded[0].token_ids != alone or unseeded[1].token_ids != alone
+
+
+@pytest.mark.parametrize("form", ["dense", "segments"])
+def test_fused_sibling_shrinks_match_peft(form: str, llama_engine: Any, llama_peft: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v and gate/up share one shrink when every adapter of the step targets them all."""
+    from loraplex.lora import lora_layer, lora_ops
+
+    monkeypatch.setattr(lora_ops, "DENSE_MAX_TOKEN_SLOTS", 10**9 if form == "dense" else 0)
+    fused_calls = 0
+    original = lora_layer.ProjectionGroup._shrink
+
+    def counting(self: Any, x2: Any, batch: Any) -> Any:
+        nonlocal fused_calls
+        fused_calls += 1
+        return original(self, x2, batch)
+
+    monkeypatch.setattr(lora_layer.ProjectionGroup, "_shrink", counting)
+    prompts = _prompts(llama_engine.loaded.vocab_size, 4, seed=9)
+    adapters: list[str | None] = ["all-r8-rslora", "all-r16-patterns", None, "all-r8-rslora"]
+    results = llama_engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True), adapters)
+    for prompt, adapter, result in zip(prompts, adapters, results):
+        assert result.token_ids == llama_peft.greedy(prompt, adapter, MAX_NEW), adapter
+    assert fused_calls > 0
