@@ -29,12 +29,15 @@ WORKDIR /src
 # torch first, in its own layer: a source change does not download it again. From PyPI it
 # is the CUDA build on Linux x86_64 and brings its own CUDA libraries; the image needs only
 # the host's driver (--gpus all).
+# constraints.txt pins the CPU test set-up; triton is left out here because the CUDA build of
+# torch pins its own triton.
 COPY constraints.txt ./
-RUN pip install -c constraints.txt torch
+RUN grep -v '^triton' constraints.txt > /tmp/constraints.txt \
+    && pip install -c /tmp/constraints.txt torch
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY client ./client
-RUN pip install -c constraints.txt '.[server]' && rm -rf /src
+RUN pip install -c /tmp/constraints.txt '.[server]' && rm -rf /src /tmp/constraints.txt
 
 RUN groupadd --gid 10001 loraplex \
     && useradd --create-home --uid 10001 --gid 10001 loraplex \
