@@ -6,7 +6,6 @@ config-file entry is reported the same way wherever it came from.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -95,14 +94,12 @@ class LoraConfig:
     adapter_roots: tuple[str, ...] = ()
     auto_register: bool = True
     max_upload_bytes: int = 1 << 30
-    load_workers: int = 1
 
     def __post_init__(self) -> None:
         _positive("max_loras", self.max_loras)
         _positive("max_lora_rank", self.max_lora_rank)
         _positive("max_host_adapter_bytes", self.max_host_adapter_bytes)
         _positive("max_upload_bytes", self.max_upload_bytes)
-        _positive("load_workers", self.load_workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +142,3 @@ class ServerConfig:
     engine: EngineConfig
     api: ApiConfig = field(default_factory=ApiConfig)
 
-
-def replace(obj, **changes):  # type: ignore[no-untyped-def]
-    """dataclasses.replace, re-running validation."""
-    return dataclasses.replace(obj, **changes)

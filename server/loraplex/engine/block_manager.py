@@ -46,6 +46,3 @@ class BlockManager:
         # Recently freed blocks go to the back: a preempted sequence's blocks are not reused first.
         self._free.extend(request.block_table)
         request.block_table = []
-
-    def max_blocks_per_seq(self, max_model_len: int) -> int:
-        return -(-max_model_len // self.block_size)

@@ -402,10 +402,6 @@ class Engine:
         self._wake.set()
         return self.store.get(adapter_id)
 
-    def adapter_in_use(self, adapter_id: str) -> int:
-        version = self.store.resolve(adapter_id)
-        return version.requests
-
     def unregister_adapter(self, adapter_id: str, *, force: bool = False) -> AdapterVersion:
         """Forget an adapter id; with force, end the requests using it with a clear error."""
         version = self.store.unregister(adapter_id)

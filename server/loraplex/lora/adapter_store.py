@@ -143,15 +143,6 @@ class AdapterStore:
                     return self.register(adapter_id, adapter_id, relative_only=True)
         raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
 
-    def set_pin(self, adapter_id: str, pinned: bool) -> None:
-        with self._lock:
-            version = self._current.get(adapter_id)
-            if version is None:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-            if pinned and not version.pinned:
-                self._check_pin_room(exclude=None)
-            self._set_pin(version, pinned)
-
     def _check_pin_room(self, exclude: AdapterVersion | None) -> None:
         pinned = sum(1 for v in self._current.values() if v.pinned and v is not exclude)
         if pinned + 1 >= self.slots.max_loras:
@@ -434,7 +425,3 @@ class AdapterStore:
     def device_versions(self) -> list[AdapterVersion | None]:
         with self._lock:
             return list(self._device)
-
-    def version(self, key: str) -> AdapterVersion | None:
-        with self._lock:
-            return self._versions.get(key)

@@ -20,10 +20,6 @@ class AdapterNotFoundError(KeyError):
         return str(self.args[0]) if self.args else "adapter not found"
 
 
-class AdapterInUseError(RuntimeError):
-    pass
-
-
 class Tier(enum.Enum):
     REGISTERED = "registered"
     HOST = "host"
