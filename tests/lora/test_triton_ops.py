@@ -222,6 +222,7 @@ def interpreter_verdicts() -> dict[str, str | None]:
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install triton) for its CPU interpreter")
+@pytest.mark.timeout(700)  # the first case's setup runs every case in one interpreter subprocess (~25 s idle)
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: c.id)
 def test_kernels_match_reference_in_interpreter(case: Case, interpreter_verdicts: dict[str, str | None]) -> None:
     error = interpreter_verdicts[case.id]
