@@ -164,3 +164,13 @@ def test_text_prompt_and_eos(llama_engine: Any) -> None:
     assert result.text == llama_engine.tokenizer.decode(
         [t for t in result.token_ids if t not in llama_engine.loaded.eos_token_ids], skip_special_tokens=True
     )
+
+
+def test_sequences_never_outgrow_the_kv_cache(tiny_llama: TinyModel) -> None:
+    engine = make_engine(tiny_llama, num_blocks=4, block_size=4)  # 16 tokens of KV in all
+    with pytest.raises(ValueError, match="KV cache"):
+        engine.add_request(prompt_token_ids=list(range(3, 23)))
+    result = engine.generate([list(range(3, 13))], SamplingParams(max_new_tokens=50, ignore_eos=True))[0]
+    assert result.finish_reason == "length" and len(result.token_ids) == 6  # 10 + 6 = 16 tokens
+    assert engine.blocks.num_free_blocks == 4
+    engine.close()

@@ -109,6 +109,8 @@ class Engine:
             self.loaded.num_layers, num_blocks, cc.block_size, self.loaded.num_kv_heads, self.loaded.head_dim, dtype, device
         )
         self.blocks = BlockManager(num_blocks, cc.block_size)
+        # A sequence can never outgrow the whole cache: past it, preemption could not make room.
+        self.max_seq_len = min(self.max_model_len, num_blocks * cc.block_size)
         self._wake = threading.Event()
         self.store = AdapterStore(
             self.lora.layer_infos,
@@ -161,9 +163,10 @@ class Engine:
             raise EngineClosedError("the engine is shutting down")
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt, prompt_token_ids)
-        if len(ids) >= self.max_model_len:
+        if len(ids) >= self.max_seq_len:
+            bound = "max_model_len" if self.max_seq_len == self.max_model_len else "the KV cache (num_kv_blocks x block_size)"
             raise ValueError(
-                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} (room for at least one new token needed)"
+                f"prompt has {len(ids)} tokens; {bound} holds {self.max_seq_len} (room for at least one new token needed)"
             )
         if request_id is not None and not request_id:
             raise ValueError("request_id must not be empty")
@@ -317,7 +320,7 @@ class Engine:
             status = None
             if stop_token or request.detokenizer.stopped:
                 status = RequestStatus.FINISHED_STOPPED
-            elif len(request.output_token_ids) >= p.max_new_tokens or request.num_tokens >= self.max_model_len:
+            elif len(request.output_token_ids) >= p.max_new_tokens or request.num_tokens >= self.max_seq_len:
                 status = RequestStatus.FINISHED_LENGTH
             if status is None:
                 outputs.append(RequestOutput(request.request_id, [token], text, finished=False))
