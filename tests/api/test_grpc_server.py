@@ -61,8 +61,10 @@ def adapter_root(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory
 ALL_ADAPTERS = [*BASE_ADAPTERS, "acme/v0", "acme/v1", "globex/v2", "globex/v3"]
 
 
-def _start(tiny: TinyModel, root: Path, *, api: ApiConfig | None = None, **overrides: Any) -> BackgroundServer:
-    config = engine_config(tiny, roots=(str(root),), max_loras=4)
+def _start(
+    tiny: TinyModel, root: Path, *, api: ApiConfig | None = None, max_upload_bytes: int = 1 << 30, **overrides: Any
+) -> BackgroundServer:
+    config = engine_config(tiny, roots=(str(root),), max_loras=4, max_upload_bytes=max_upload_bytes)
     if overrides:
         config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, **overrides))
     server_config = ServerConfig(engine=config, api=api or ApiConfig(port=0, metrics_port=0))
@@ -316,3 +318,18 @@ def test_server_reflection_lists_the_services(server: BackgroundServer) -> None:
         assert {"loraplex.v1.LoraPlex", "grpc.health.v1.Health"} <= services
         described = database.FindFileContainingSymbol("loraplex.v1.GenerateRequest")
         assert "GenerateRequest" in [m.name for m in described.message_type]
+
+
+def test_upload_over_the_size_cap_is_refused_and_leaves_nothing(tiny_llama: TinyModel, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    server = _start(tiny_llama, root, max_upload_bytes=4096)
+    try:
+        with Client(_address(server), timeout=60) as client:
+            with pytest.raises(OverloadedError, match="larger than the limit of 4096 bytes"):
+                client.upload_adapter("acme/too-big", tiny_llama.adapters["all-r16-patterns"])
+            with pytest.raises(AdapterNotFoundError):
+                client.get_adapter("acme/too-big")
+        assert not any((root / ".uploads").iterdir())  # the partial upload was removed
+    finally:
+        server.stop()
