@@ -237,3 +237,27 @@ def test_pins_stay_resident_and_unregister_in_use(tiny_llama: TinyModel) -> None
     assert ended and ended[0].finish_reason == "abort" and "unloaded" in (ended[0].error or "")
     assert version.requests == 0 and version.slot is None and version.weights is None
     engine.close()
+
+
+def test_adapter_that_fails_to_load_ends_its_requests_with_the_reason(tiny_llama: TinyModel, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    bad = _variant(tiny_llama.adapters["qv-r4"], root / "bad", seed=5)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = torch.full_like(tensors[key], float("inf"))
+    save_file(tensors, bad / "adapter_model.safetensors")
+    engine = make_engine(tiny_llama, register=False, roots=(str(root),))
+    engine.register_adapter("bad", "bad")  # the header is fine: the values are only read by the loader
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    failing = engine.add_request(prompt_token_ids=[5, 6, 7], params=params, adapter_id="bad")
+    healthy = engine.add_request(prompt_token_ids=[5, 6, 7], params=params)
+    outputs: list[Any] = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+        engine.wait_for_work(0.005)
+    ends = {o.request_id: o for o in outputs if o.finished}
+    assert ends[failing].finish_reason == "error" and ends[failing].error_kind == "adapter"
+    assert "NaN or Inf" in (ends[failing].error or "")
+    assert ends[healthy].finish_reason == "length"
+    assert engine.store.get("bad").error is not None
+    engine.close()
