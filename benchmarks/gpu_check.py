@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -261,26 +260,11 @@ def bench_decode(smoke: bool, work_dir: Path) -> dict[str, Any]:
 # -- (d) report --------------------------------------------------------------------------------
 
 
-def _git_head() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    head = out.stdout.strip() or "unknown"
-    return head + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def _environment(smoke: bool) -> dict[str, Any]:
-    import torch
+    from benchmarks.report import environment
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "transformers", "bitsandbytes"):
-        try:
-            env[name] = __import__(name).__version__
-        except Exception:
-            env[name] = None
-    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not smoke else f"cpu ({platform.processor() or platform.machine()})"
+    env = environment()
+    env["device"] = env.pop("cuda") if env["cuda"] and not smoke else f"cpu ({platform.processor() or platform.machine()})"
     env["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
     return env
 
@@ -289,7 +273,7 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# loraplex GPU check{' (smoke, CPU)' if report['smoke'] else ''}", "",
         f"- date: {report['date']}", f"- git: `{report['git_head']}`", f"- device: {report['environment']['device']}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in report['environment'].items() if k not in ('device',))}", "",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in report['environment'].items() if k not in ('device', 'date', 'commit'))}", "",
     ]
     stages = report["stages"]
     for name, stage in stages.items():
@@ -354,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     env = _environment(args.smoke)
     peak = next((bw for name, bw in HBM_GBPS.items() if name in env["device"]), None)
     report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", stamp), "git_head": _git_head(), "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", stamp), "git_head": env["commit"], "smoke": args.smoke,
         "environment": env, "hbm_peak_gbps": peak, "stages": {},
     }
     base = args.out / f"gpu_check-{time.strftime('%Y%m%d-%H%M%S', stamp)}{'-smoke' if args.smoke else ''}"

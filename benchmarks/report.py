@@ -13,21 +13,35 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def git_commit() -> str:
+    """The short HEAD, with '+dirty' when the working tree has uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def environment() -> dict[str, Any]:
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
+    env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "commit": commit,
+        "commit": git_commit(),
         "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+    for name in ("transformers", "bitsandbytes", "triton"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # missing, or broken on this host: reported as None
+            env[name] = None
+    return env
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,27 @@ def wait_idle(engine: Any, timeout: float = 10.0) -> None:
     while engine.has_unfinished() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not engine.has_unfinished()
+
+
+POISON_TOKEN = 499  # a prompt starting with it makes the model runner fail
+
+
+@contextmanager
+def poisoned_runner(engine: Any) -> Iterator[None]:
+    """Make every step holding a request whose prompt starts with POISON_TOKEN raise."""
+    runner = engine.runner
+    original = runner.run
+
+    def failing_run(batch: Any) -> Any:
+        if any(r.prompt_token_ids[0] == POISON_TOKEN for r in batch.requests):
+            raise RuntimeError("injected device failure")
+        return original(batch)
+
+    runner.run = failing_run
+    try:
+        yield
+    finally:
+        runner.run = original
 
 
 def make_engine(tiny: TinyModel, register: bool = True, **kwargs: Any) -> Any:

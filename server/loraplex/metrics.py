@@ -37,7 +37,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loraplex import __version__
-from loraplex.engine.engine import usage_of
 from loraplex.engine.request import RequestStatus
 
 if TYPE_CHECKING:
@@ -184,7 +183,7 @@ class Metrics:
 
     def on_finish(self, request: Request) -> None:
         now = time.monotonic()
-        usage = usage_of(request)
+        usage = request.usage()
         self.requests.labels(request.status.value).inc()
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.e2e.observe(now - request.arrival_time)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TinyModel, engine_config, make_adapter, wait_idle
+from conftest import POISON_TOKEN, TinyModel, engine_config, make_adapter, poisoned_runner, wait_idle
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, SchedulerConfig, ServerConfig
 from loraplex.engine.engine import Engine
@@ -221,25 +221,14 @@ def test_error_statuses(client: Client, server: BackgroundServer, tiny_llama: Ti
 
 def test_internal_error_names_the_request_and_others_keep_running(client: Client, server: BackgroundServer) -> None:
     engine = _engine(server)
-    runner = engine.runner
-    original = runner.run
-    poison = 499
-
-    def failing_run(batch: Any) -> Any:
-        if any(r.prompt_token_ids[0] == poison for r in batch.requests):
-            raise RuntimeError("injected device failure")
-        return original(batch)
-
-    runner.run = failing_run  # type: ignore[method-assign]
-    try:
+    poison = POISON_TOKEN
+    with poisoned_runner(engine):
         healthy = client.generate_stream(prompt_token_ids=[5, 6, 7], adapter_id="qv-r4", max_new_tokens=30, ignore_eos=True)
         next(healthy)
         with pytest.raises(InternalServerError, match=r"poisoned-1.*injected device failure"):
             client.generate(prompt_token_ids=[poison, 6, 7], request_id="poisoned-1", max_new_tokens=5)
         rest = list(healthy)
         assert rest[-1].finish_reason == "length"
-    finally:
-        runner.run = original  # type: ignore[method-assign]
     assert client.generate(prompt_token_ids=[5, 6], max_new_tokens=2).finish_reason in ("length", "stop")
 
 

@@ -12,13 +12,12 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TinyModel, engine_config, wait_idle
+from conftest import POISON_TOKEN, TinyModel, engine_config, poisoned_runner, wait_idle
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
@@ -278,21 +277,9 @@ def test_errors_and_aborts_are_final_statuses(client: Client, server: Background
     engine = server.server.engine
     wait_idle(engine)
     before, _ = scrape(_port(server))
-    runner = engine.runner
-    original = runner.run
-    poison = 499
-
-    def failing_run(batch: Any) -> Any:
-        if any(r.prompt_token_ids[0] == poison for r in batch.requests):
-            raise RuntimeError("injected device failure")
-        return original(batch)
-
-    runner.run = failing_run  # type: ignore[method-assign]
-    try:
-        with pytest.raises(InternalServerError):
-            client.generate(prompt_token_ids=[poison, 6, 7], max_new_tokens=5)
-    finally:
-        runner.run = original  # type: ignore[method-assign]
+    poison = POISON_TOKEN
+    with poisoned_runner(engine), pytest.raises(InternalServerError):
+        client.generate(prompt_token_ids=[poison, 6, 7], max_new_tokens=5)
     stream = client.generate_stream(prompt_token_ids=[5, 6], max_new_tokens=300, ignore_eos=True)
     next(stream)
     stream.close()

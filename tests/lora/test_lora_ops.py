@@ -54,7 +54,7 @@ def test_grouped_lora_matches_per_token_loop(num_tokens: int, num_slots: int, fo
 def test_segments_merge_per_slot_and_skip_base() -> None:
     batch = build_lora_batch([(-1, 3), (0, 2), (0, 1), (2, 4)], [4, 0, 8], 16, 10, torch.float32, torch.device("cpu"))
     assert [(s.start, s.end, s.slot, s.rank) for s in batch.segments] == [(3, 6, 0, 4), (6, 10, 2, 8)]
-    assert not build_lora_batch([(-1, 5)], [0], 16, 5, torch.float32, torch.device("cpu")).active
+    assert not build_lora_batch([(-1, 5)], [0], 16, 5, torch.float32, torch.device("cpu")).segments
     with pytest.raises(ValueError, match="cover"):
         build_lora_batch([(0, 2)], [4], 16, 3, torch.float32, torch.device("cpu"))
 

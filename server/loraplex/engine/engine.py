@@ -16,15 +16,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
-
-import torch
 
 from loraplex.config import EngineConfig
 from loraplex.engine import attention
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import Detokenizer
+from loraplex.engine.errors import DuplicateRequestError, EngineClosedError, EngineOverloadedError
 from loraplex.engine.kv_cache import KVCache, plan_num_blocks
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.request import (
@@ -33,10 +31,11 @@ from loraplex.engine.request import (
     RequestOutput,
     RequestStatus,
     SamplingParams,
-    Usage,
+    StepStats,
 )
 from loraplex.engine.sampler import Sampler
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
+from loraplex.lora import triton_ops
 from loraplex.lora.adapter import load_weights
 from loraplex.lora.adapter_store import AdapterStore
 from loraplex.lora.adapter_version import AdapterInfo, AdapterVersion, StoreListener
@@ -44,38 +43,6 @@ from loraplex.lora.lora_layer import LoraModel
 from loraplex.model.loader import LoadedModel, load_base_model
 
 log = logging.getLogger(__name__)
-
-
-class EngineOverloadedError(RuntimeError):
-    """The waiting queue is full."""
-
-
-class EngineClosedError(RuntimeError):
-    """The engine no longer takes requests."""
-
-
-class DuplicateRequestError(ValueError):
-    """A request with this id is still unfinished."""
-
-
-@dataclass(frozen=True, slots=True)
-class StepStats:
-    """What the last step did, for metrics."""
-
-    num_requests: int
-    num_tokens: int
-    num_adapters: int
-    num_preempted: int
-    duration_s: float
-    num_decodes: int = 0  # requests that computed exactly their last sampled token
-
-    @property
-    def pure_decode(self) -> bool:
-        return self.num_requests > 0 and self.num_decodes == self.num_requests
-
-    @property
-    def pure_prefill(self) -> bool:
-        return self.num_requests > 0 and self.num_decodes == 0
 
 
 class Engine:
@@ -125,7 +92,7 @@ class Engine:
             on_ready=self._wake.set,
         )
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.store, self.max_model_len)
-        use_triton = device.type == "cuda" and _triton_available()
+        use_triton = device.type == "cuda" and triton_ops.HAVE_TRITON
         self.runner = ModelRunner(self.loaded, self.lora, self.kv_cache, use_triton=use_triton)
         self.sampler = Sampler(config.seed)
 
@@ -353,7 +320,7 @@ class Engine:
             finish_reason=status.finish_reason,
             error=request.error,
             error_kind=request.error_kind,
-            usage=usage_of(request),
+            usage=request.usage(),
         )
 
     # -- whole runs ------------------------------------------------------------------------
@@ -420,21 +387,3 @@ class Engine:
     def close(self) -> None:
         self._closed = True
         self.store.close()
-
-
-def usage_of(request: Request) -> Usage:
-    start = request.scheduled_time or time.monotonic()
-    return Usage(
-        prompt_tokens=request.num_prompt_tokens,
-        generated_tokens=len(request.output_token_ids),
-        queue_time_s=max(0.0, start - request.arrival_time),
-        time_to_first_token_s=None if request.first_token_time is None else request.first_token_time - request.arrival_time,
-    )
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()

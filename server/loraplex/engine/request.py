@@ -111,6 +111,15 @@ class Request:
     def finished(self) -> bool:
         return self.status.finished
 
+    def usage(self) -> Usage:
+        start = self.scheduled_time or time.monotonic()
+        return Usage(
+            prompt_tokens=self.num_prompt_tokens,
+            generated_tokens=len(self.output_token_ids),
+            queue_time_s=max(0.0, start - self.arrival_time),
+            time_to_first_token_s=None if self.first_token_time is None else self.first_token_time - self.arrival_time,
+        )
+
     def token_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
@@ -122,6 +131,26 @@ class Usage:
     generated_tokens: int
     queue_time_s: float
     time_to_first_token_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What the last step did, for metrics."""
+
+    num_requests: int
+    num_tokens: int
+    num_adapters: int
+    num_preempted: int
+    duration_s: float
+    num_decodes: int = 0  # requests that computed exactly their last sampled token
+
+    @property
+    def pure_decode(self) -> bool:
+        return self.num_requests > 0 and self.num_decodes == self.num_requests
+
+    @property
+    def pure_prefill(self) -> bool:
+        return self.num_requests > 0 and self.num_decodes == 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,6 @@ from loraplex.lora.adapter import AdapterError, AdapterSpec, AdapterWeights, Bas
 from loraplex.lora.adapter_version import (
     AdapterInfo,
     AdapterNotFoundError,
-    AdapterStats,
     AdapterVersion,
     SlotWriter,
     StoreListener,
@@ -387,28 +386,11 @@ class AdapterStore:
             version = self._current.get(adapter_id)
             if version is None:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-            return self._info(version)
+            return version.info()
 
     def infos(self) -> list[AdapterInfo]:
         with self._lock:
-            return [self._info(v) for _, v in sorted(self._current.items())]
-
-    def _info(self, v: AdapterVersion) -> AdapterInfo:
-        return AdapterInfo(
-            adapter_id=v.adapter_id,
-            version=v.version,
-            path=str(v.spec.path),
-            tier=v.tier.value,
-            rank=v.spec.rank,
-            target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in v.spec.module_ranks})),
-            host_bytes=v.host_bytes,
-            pinned=v.pinned,
-            loading=v.loading or v.queued,
-            error=v.error,
-            active_requests=v.requests,
-            content_hash=v.spec.content_hash,
-            stats=AdapterStats(**vars(v.stats)),
-        )
+            return [v.info() for _, v in sorted(self._current.items())]
 
     def snapshot(self) -> StoreSnapshot:
         with self._lock:

@@ -84,6 +84,24 @@ class AdapterVersion:
             return Tier.DEVICE
         return Tier.HOST if self.weights is not None else Tier.REGISTERED
 
+    def info(self) -> AdapterInfo:
+        """A snapshot (call with the store's lock held)."""
+        return AdapterInfo(
+            adapter_id=self.adapter_id,
+            version=self.version,
+            path=str(self.spec.path),
+            tier=self.tier.value,
+            rank=self.spec.rank,
+            target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in self.spec.module_ranks})),
+            host_bytes=self.host_bytes,
+            pinned=self.pinned,
+            loading=self.loading or self.queued,
+            error=self.error,
+            active_requests=self.requests,
+            content_hash=self.spec.content_hash,
+            stats=AdapterStats(**vars(self.stats)),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class AdapterInfo:

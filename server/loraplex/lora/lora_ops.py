@@ -53,10 +53,6 @@ class LoraBatch:
     token_mask: torch.Tensor | None = None  # dense: [T, num_slots * r_max], 1 on the token's slot block
     triton: TritonBatch | None = None  # CUDA: kernel metadata
 
-    @property
-    def active(self) -> bool:
-        return bool(self.segments)
-
 
 EMPTY_BATCH = LoraBatch()
 
