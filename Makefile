@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint typecheck pytest protos bench clean
+.PHONY: install demo test lint typecheck imports pytest protos bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/loraplex demo
 
-test: lint typecheck pytest
+test: lint typecheck imports pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check server client tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+imports: $(STAMP)
+	$(BIN)/lint-imports
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q

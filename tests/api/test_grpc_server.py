@@ -153,7 +153,7 @@ def test_cancelled_stream_frees_blocks_and_slot(client: Client, server: Backgrou
     stream.close()
     wait_idle(engine)
     assert engine.blocks.num_free_blocks == free
-    assert version.slot_refs == 0 and version.requests == 0
+    assert version.slot_refs == 0 and version.holders == 0
 
 
 def test_deadline_exceeded_frees_everything(client: Client, server: BackgroundServer) -> None:

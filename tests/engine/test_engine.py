@@ -91,12 +91,12 @@ def test_abort_frees_blocks_and_slot(llama_engine: Any) -> None:
     outs = engine.step() + engine.step() + engine.step()
     assert engine.blocks.num_free_blocks < free_before
     version = engine.store.resolve("qv-r4")
-    assert version.slot_refs == 1 and version.requests == 1
+    assert version.slot_refs == 1 and version.holders == 1
     engine.abort(rid)
     outs = engine.step()
     aborted = [o for o in outs if o.request_id == rid]
     assert aborted and aborted[0].finished and aborted[0].finish_reason == "abort"
-    assert version.slot_refs == 0 and version.requests == 0
+    assert version.slot_refs == 0 and version.holders == 0
     while engine.has_unfinished():
         outs += engine.step()
     assert any(o.request_id == other and o.finish_reason == "length" for o in outs)

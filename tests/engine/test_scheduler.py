@@ -7,7 +7,8 @@ import time
 from loraplex.config import SchedulerConfig
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.request import Request, RequestStatus, SamplingParams
-from loraplex.engine.scheduler import Scheduler, SlotState
+from loraplex.engine.scheduler import Scheduler
+from loraplex.lora.slots import SlotState
 
 
 class FakeAdapter:
@@ -167,9 +168,11 @@ def test_abort_and_finish_release_everything() -> None:
     s.add(_request("b"))
     _run(s)
     assert adapter.refs == 1
-    aborted = s.abort("a")
-    assert aborted is not None and aborted.status is RequestStatus.FINISHED_ABORTED
-    assert adapter.refs == 0 and aborted.block_table == []
-    assert s.abort("a") is None
-    s.add(_request("c"))
-    assert s.abort("c") is not None and not s.waiting
+    aborted = next(r for r in s.running if r.request_id == "a")
+    s.finish(aborted, RequestStatus.FINISHED_ABORTED)  # a running request: blocks and slot come back
+    assert aborted.status is RequestStatus.FINISHED_ABORTED
+    assert adapter.refs == 0 and aborted.block_table == [] and aborted not in s.running
+    waiting = _request("c")
+    s.add(waiting)
+    s.finish(waiting, RequestStatus.FINISHED_ABORTED)  # a waiting one leaves the queue
+    assert waiting.status is RequestStatus.FINISHED_ABORTED and not s.waiting

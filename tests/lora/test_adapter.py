@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TinyModel, make_adapter
-from loraplex.lora.adapter import AdapterError, load_weights, read_spec
+from loraplex.lora.adapter_spec import AdapterError, read_spec
+from loraplex.lora.adapter_weights import load_weights
 
 
 def _layers(engine: Any) -> Any:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TinyModel, make_engine
 from loraplex.engine.request import SamplingParams
-from loraplex.lora.adapter import AdapterError
+from loraplex.lora.adapter_spec import AdapterError
 from loraplex.lora.adapter_version import AdapterNotFoundError
 
 NUM_ADAPTERS = 50
@@ -235,7 +235,7 @@ def test_pins_stay_resident_and_unregister_in_use(tiny_llama: TinyModel) -> None
     outs = engine.step()
     ended = [o for o in outs if o.request_id == rid]
     assert ended and ended[0].finish_reason == "abort" and "unloaded" in (ended[0].error or "")
-    assert version.requests == 0 and version.slot is None and version.weights is None
+    assert version.holders == 0 and version.slot is None and version.weights is None
     engine.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from loraplex.engine.errors import DuplicateRequestError, EngineClosedError, EngineOverloadedError
-from loraplex.lora.adapter import AdapterError
+from loraplex.lora.adapter_spec import AdapterError
 from loraplex.lora.adapter_version import AdapterNotFoundError
 
 

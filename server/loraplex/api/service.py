@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import RequestOutput
 from loraplex.logs import current_request_id
-from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.lora.adapter_spec import ADAPTER_FILES, hash_adapter_files
 from loraplex.lora.adapter_version import AdapterInfo, check_adapter_id
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORTED}
 TIERS = {"registered": pb.ADAPTER_TIER_REGISTERED, "host": pb.ADAPTER_TIER_HOST, "device": pb.ADAPTER_TIER_DEVICE}
-UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+UPLOAD_FILES = ADAPTER_FILES
 UPLOAD_DIR = ".uploads"
 UNLOAD_POLL_S = 0.05
 SHUTDOWN_REASON = "the server is shutting down"
@@ -270,7 +269,7 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
             if missing:
                 raise invalid("chunk.filename", f"missing {', '.join(missing)}")
             # Immutable, content-addressed home: an older version stays readable while in use.
-            digest = await asyncio.to_thread(_digest, tmp)
+            digest = await asyncio.to_thread(hash_adapter_files, tmp)
             final = uploads / adapter_id / digest
             if not final.exists():
                 final.parent.mkdir(parents=True, exist_ok=True)
@@ -288,9 +287,9 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
     ) -> pb.UnloadAdapterResponse:
         adapter_id = self._adapter_id(request.adapter_id)
         version = self.engine.unregister_adapter(adapter_id, force=request.force)
-        in_use = version.requests
+        in_use = version.holders
         # New requests already get NOT_FOUND; wait for the ones holding it (or their abort).
-        while version.requests > 0:
+        while version.holders > 0:
             await asyncio.sleep(UNLOAD_POLL_S)
         return pb.UnloadAdapterResponse(adapter_id=adapter_id, aborted_requests=in_use if request.force else 0)
 
@@ -321,13 +320,3 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
             server_version=__version__,
             ready=self.ready,
         )
-
-
-def _digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for name in UPLOAD_FILES:
-        with (directory / name).open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()[:16]

@@ -36,9 +36,9 @@ from loraplex.engine.request import (
 from loraplex.engine.sampler import Sampler
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.lora import triton_ops
-from loraplex.lora.adapter import load_weights
 from loraplex.lora.adapter_store import AdapterStore
 from loraplex.lora.adapter_version import AdapterInfo, AdapterVersion, StoreListener
+from loraplex.lora.adapter_weights import load_weights
 from loraplex.lora.lora_layer import LoraModel
 from loraplex.model.loader import LoadedModel, load_base_model
 

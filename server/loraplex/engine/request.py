@@ -120,10 +120,6 @@ class Request:
             time_to_first_token_s=None if self.first_token_time is None else self.first_token_time - self.arrival_time,
         )
 
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
-
 
 @dataclass(frozen=True, slots=True)
 class Usage:

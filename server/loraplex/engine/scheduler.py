@@ -7,48 +7,26 @@ it sampled last step), so prefills and decodes of different requests share a ste
 Who calls what (all on the engine thread, from Engine):
   add(request)            a validated request enters the waiting queue
   schedule()              start of every step; returns the step's batch
-  finish(request, status) postprocess (stop, length), abort, or error; frees blocks + slot
-  abort(request_id)       client cancel / deadline; returns the request if it was unfinished
+  finish(request, status) postprocess (stop, length), abort (cancel, deadline, unload), or
+                          error; frees its KV blocks and its adapter-slot reference
 
 Bounds of one step: max_num_seqs running requests, max_num_batched_tokens tokens, the free
 KV blocks, and the device adapter slots (each running request holds a reference to its
-adapter's slot, so a step never needs more distinct adapters than there are slots).
+adapter's slot, so a step never needs more distinct adapters than there are slots). The slots
+are reached through lora/slots.py's AdapterSlots: the scheduler never sees tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.request import Request, RequestStatus
-
-
-class SlotState(enum.Enum):
-    ACQUIRED = "acquired"  # the adapter is on the device; a reference is held
-    NOT_READY = "not_ready"  # loading from disk, or every slot is in use: wait
-    FAILED = "failed"  # the adapter cannot be served: end the request with its error
-
-
-class AdapterSlots(Protocol):
-    """The device tier as the scheduler sees it (implemented by lora.adapter_store)."""
-
-    def try_acquire(self, adapter: object) -> SlotState: ...
-
-    def release(self, adapter: object) -> None: ...
-
-    def failure(self, adapter: object) -> str: ...
-
-    def on_device(self, adapter: object) -> bool: ...
-
-    def loaded(self, adapter: object) -> bool:
-        """In host memory (or on the device): a slot is all it still needs."""
-        ...
+from loraplex.lora.slots import AdapterSlots, SlotState
 
 
 @dataclass(slots=True)
@@ -206,11 +184,3 @@ class Scheduler:
                 self.waiting.remove(request)
         self.blocks.free(request)
         request.status = status
-
-    def abort(self, request_id: str) -> Request | None:
-        for queue in (self.running, self.waiting):
-            for request in queue:
-                if request.request_id == request_id:
-                    self.finish(request, RequestStatus.FINISHED_ABORTED)
-                    return request
-        return None

@@ -3,7 +3,8 @@
     registered ──(worker thread: read + validate safetensors)──> host ──(one copy per layer)──> device
     id -> path, spec, hash          tensors, bounded in bytes          slots of the pool
 
-- A request holds its adapter *version* from admission to finish (`hold` / `unhold`), and
+- A request holds its adapter *version* from admission to finish (`hold` / `unhold`: the
+  version's live `holders`; `stats.requests` counts every request ever), and
   the version's device slot while it runs (`try_acquire` / `release`, called by the
   scheduler). A version with slot references is never evicted from the device; one that a
   waiting request needs is only evicted from the host once it is on the device.
@@ -11,7 +12,8 @@
   old one finish on it; new requests resolve to the new one. Retired versions leave every
   tier when their last request ends.
 - `pin` keeps an adapter resident in the host and device tiers.
-- Disk reads happen only on the loader thread, oldest need first, within the host budget.
+- Disk reads happen only on the loader thread (adapter_loader.py), oldest need first, within
+  the host budget.
 
 No torch here: reading tensors and writing slots are injected (`load_fn`, `slots`).
 """
@@ -25,21 +27,25 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraplex.config import ADAPTER_ID_RE
-from loraplex.engine.scheduler import SlotState
-from loraplex.lora.adapter import AdapterError, AdapterSpec, AdapterWeights, BaseLayerInfo, read_spec
+from loraplex.lora.adapter_loader import AdapterLoader
+from loraplex.lora.adapter_spec import AdapterError, AdapterSpec, BaseLayerInfo, read_spec
 from loraplex.lora.adapter_version import (
     AdapterInfo,
     AdapterNotFoundError,
     AdapterVersion,
-    SlotWriter,
     StoreListener,
     StoreSnapshot,
     Tier,
     check_adapter_id,
     resolve_adapter_path,
 )
+from loraplex.lora.slots import SlotState, SlotWriter
+
+if TYPE_CHECKING:
+    from loraplex.lora.adapter_weights import AdapterWeights
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +87,14 @@ class AdapterStore:
         self._queue: deque[AdapterVersion] = deque()
         self._version_counter = itertools.count(1)
         self.counters: dict[tuple[str, str], int] = {}
-        self._closed = False
-        self._loader = threading.Thread(target=self._load_loop, name="adapter-loader", daemon=True)
-        self._loader.start()
+        self._loader = AdapterLoader(self._changed, self._next_load, load_fn, self._finish_load, self.on_ready)
 
     # -- registration (API threads) ------------------------------------------------------
-
-    def resolve_path(self, path: str | Path, *, relative_only: bool = False) -> Path:
-        return resolve_adapter_path(self.roots, path, relative_only=relative_only)
 
     def register(self, adapter_id: str, path: str | Path, *, pin: bool = False, relative_only: bool = False) -> AdapterVersion:
         """Register (or re-register) an adapter. Validates config and tensor shapes now."""
         check_adapter_id(adapter_id)
-        resolved = self.resolve_path(path, relative_only=relative_only)
+        resolved = resolve_adapter_path(self.roots, path, relative_only=relative_only)
         spec = read_spec(resolved, self.layers, self.max_rank)
         host_bytes = spec.host_bytes(self.layers, self.itemsize)
         if host_bytes > self.host_budget:
@@ -123,9 +124,8 @@ class AdapterStore:
     def unregister(self, adapter_id: str) -> AdapterVersion:
         """Forget an id. Requests holding it keep their version until they end."""
         with self._lock:
-            version = self._current.pop(adapter_id, None)
-            if version is None:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+            version = self._registered(adapter_id)
+            del self._current[adapter_id]
             self._retire(version)
             return version
 
@@ -159,7 +159,7 @@ class AdapterStore:
     def hold(self, version: AdapterVersion) -> None:
         """A request now needs this version: count it and start loading it if needed."""
         with self._lock:
-            version.requests += 1
+            version.holders += 1
             version.stats.requests += 1
             version.stats.last_used = time.time()
             if version.weights is not None or version.slot is not None:
@@ -174,8 +174,8 @@ class AdapterStore:
 
     def unhold(self, version: AdapterVersion) -> None:
         with self._lock:
-            version.requests -= 1
-            if version.retired and version.requests == 0:
+            version.holders -= 1
+            if version.retired and version.holders == 0:
                 self._drop(version)
             self._changed.notify_all()
 
@@ -205,9 +205,7 @@ class AdapterStore:
             version.slot_refs = 1
             version.stats.device_misses += 1
             self._count(Tier.DEVICE, "misses")
-            self._count(Tier.DEVICE, "loads")
-            if self.listener is not None:
-                self.listener.on_load(Tier.DEVICE, elapsed)
+            self._count_load(Tier.DEVICE, elapsed)
             self._changed.notify_all()  # its host copy may now make room for a load
             return SlotState.ACQUIRED
 
@@ -215,7 +213,7 @@ class AdapterStore:
         version: AdapterVersion = adapter  # type: ignore[assignment]
         with self._lock:
             version.slot_refs -= 1
-            if version.retired and version.slot_refs == 0 and version.requests == 0:
+            if version.retired and version.slot_refs == 0 and version.holders == 0:
                 self._drop(version)
 
     def on_device(self, adapter: object) -> bool:
@@ -240,23 +238,24 @@ class AdapterStore:
                 return slot
         return None
 
+    def _unslot(self, version: AdapterVersion) -> None:
+        if version.slot is not None:
+            self._device[version.slot] = None
+            self._device_lru.pop(version.slot, None)
+            version.slot = None
+
     def _evict_device(self, version: AdapterVersion) -> None:
-        slot = version.slot
-        if slot is None:
-            return
-        self._device[slot] = None
-        self._device_lru.pop(slot, None)
-        version.slot = None
+        self._unslot(version)
         version.stats.evictions += 1
         self._count(Tier.DEVICE, "evictions")
-        if version.requests > 0 and version.weights is None:
+        if version.holders > 0 and version.weights is None:
             self._enqueue(version)  # still wanted: bring it back to the host
 
     def _host_evictable(self, version: AdapterVersion) -> bool:
         if version.pinned or version.loading:
             return False
         # Needed by a waiting request and not on the device: keep it.
-        return version.requests == 0 or version.slot is not None
+        return version.holders == 0 or version.slot is not None
 
     def _make_host_room(self, nbytes: int) -> bool:
         if self._host_bytes + nbytes <= self.host_budget:
@@ -279,15 +278,11 @@ class AdapterStore:
     def _retire(self, version: AdapterVersion) -> None:
         version.retired = True
         version.pinned = False
-        if version.requests == 0 and version.slot_refs == 0:
+        if version.holders == 0 and version.slot_refs == 0:
             self._drop(version)
 
     def _drop(self, version: AdapterVersion) -> None:
-        if version.slot is not None:
-            slot = version.slot
-            self._device[slot] = None
-            self._device_lru.pop(slot, None)
-            version.slot = None
+        self._unslot(version)
         if version.weights is not None:
             self._evict_host(version)
         self._versions.pop(version.key, None)
@@ -297,6 +292,11 @@ class AdapterStore:
         self.counters[key] = self.counters.get(key, 0) + 1
         if self.listener is not None:
             self.listener.on_event(tier, event)
+
+    def _count_load(self, tier: Tier, seconds: float) -> None:
+        self._count(tier, "loads")
+        if self.listener is not None:
+            self.listener.on_load(tier, seconds)
 
     # -- the loader thread -----------------------------------------------------------------
 
@@ -308,11 +308,11 @@ class AdapterStore:
         self._changed.notify_all()
 
     def _next_load(self) -> AdapterVersion | None:
-        """The oldest queued version that is still wanted and fits (called with the lock held)."""
+        """The loader's next read: the oldest queued version still wanted that fits (lock held)."""
         while self._queue:
             version = self._queue[0]
             # A retired version still loads for the requests that hold it.
-            wanted = (version.requests > 0 or version.pinned) and version.slot is None
+            wanted = (version.holders > 0 or version.pinned) and version.slot is None
             if not wanted or version.weights is not None:
                 self._queue.popleft()
                 version.queued = False
@@ -322,45 +322,24 @@ class AdapterStore:
             self._queue.popleft()
             version.queued = False
             version.loading = True
+            self._host_bytes += version.host_bytes  # reserved now so concurrent decisions see them
             return version
         return None
 
-    def _load_loop(self) -> None:
-        while True:
-            with self._lock:
-                version = self._next_load()
-                while version is None:
-                    if self._closed:
-                        return
-                    self._changed.wait(timeout=0.5)
-                    version = self._next_load()
-                # Reserve the bytes now so concurrent decisions see them.
-                self._host_bytes += version.host_bytes
-            start = time.perf_counter()
-            try:
-                weights: AdapterWeights | None = self.load_fn(version.spec)
-                error = None
-            except AdapterError as e:
-                weights, error = None, str(e)
-            except Exception as e:  # a bug or I/O failure must not kill the loader
-                log.exception("loading adapter %s failed", version.key)
-                weights, error = None, f"adapter {version.adapter_id!r} failed to load: {e}"
-            elapsed = time.perf_counter() - start
-            with self._lock:
-                version.loading = False
-                if weights is None or (version.retired and version.requests == 0):
-                    self._host_bytes -= version.host_bytes
-                    version.error = error
-                else:
-                    version.weights = weights
-                    self._host[version.key] = version
-                    version.stats.loads += 1
-                    version.stats.last_load_s = elapsed
-                    self._count(Tier.HOST, "loads")
-                    if self.listener is not None:
-                        self.listener.on_load(Tier.HOST, elapsed)
-                self._changed.notify_all()
-            self.on_ready()
+    def _finish_load(
+        self, version: AdapterVersion, weights: AdapterWeights | None, error: str | None, elapsed: float
+    ) -> None:
+        """The loader thread read a version (weights) or failed (error); called with the lock held."""
+        version.loading = False
+        if weights is None or (version.retired and version.holders == 0):
+            self._host_bytes -= version.host_bytes
+            version.error = error
+        else:
+            version.weights = weights
+            self._host[version.key] = version
+            version.stats.loads += 1
+            version.stats.last_load_s = elapsed
+            self._count_load(Tier.HOST, elapsed)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no load is queued or running (tests and warm-up)."""
@@ -374,19 +353,19 @@ class AdapterStore:
         return True
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._changed.notify_all()
-        self._loader.join(timeout=5)
+        self._loader.close()
 
     # -- views -----------------------------------------------------------------------------
 
+    def _registered(self, adapter_id: str) -> AdapterVersion:
+        version = self._current.get(adapter_id)
+        if version is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+        return version
+
     def get(self, adapter_id: str) -> AdapterInfo:
         with self._lock:
-            version = self._current.get(adapter_id)
-            if version is None:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-            return version.info()
+            return self._registered(adapter_id).info()
 
     def infos(self) -> list[AdapterInfo]:
         with self._lock:

@@ -1,6 +1,6 @@
 """What the adapter store holds and reports: versions, tiers, counters, snapshots; ids and paths.
 
-No torch here.
+No torch here: host tensors are an opaque `AdapterWeights` the loader thread hands over.
 """
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from loraplex.config import ADAPTER_ID_RE
-from loraplex.lora.adapter import AdapterError, AdapterSpec, AdapterWeights
+from loraplex.lora.adapter_spec import AdapterError, AdapterSpec
+
+if TYPE_CHECKING:
+    from loraplex.lora.adapter_weights import AdapterWeights
 
 
 class AdapterNotFoundError(KeyError):
@@ -24,16 +27,6 @@ class Tier(enum.Enum):
     REGISTERED = "registered"
     HOST = "host"
     DEVICE = "device"
-
-
-class SlotWriter(Protocol):
-    """The device side (lora_layer.LoraModel)."""
-
-    max_loras: int
-
-    def write_slot(self, slot: int, weights: AdapterWeights) -> None: ...
-
-    def clear_slot(self, slot: int) -> None: ...
 
 
 class StoreListener(Protocol):
@@ -52,7 +45,7 @@ class AdapterStats:
     device_misses: int = 0
     loads: int = 0
     evictions: int = 0
-    requests: int = 0
+    requests: int = 0  # cumulative: every request that ever held this id (all its versions)
     last_used: float = 0.0  # wall clock
     last_load_s: float = 0.0
 
@@ -68,8 +61,8 @@ class AdapterVersion:
     loading: bool = False
     queued: bool = False
     error: str | None = None
-    requests: int = 0  # unfinished requests holding this version
-    slot_refs: int = 0  # running requests using its slot
+    holders: int = 0  # live: unfinished requests holding this version (hold .. unhold)
+    slot_refs: int = 0  # live: running requests using its adapter slot
     retired: bool = False
     pinned: bool = False
     stats: AdapterStats = field(default_factory=AdapterStats)
@@ -97,7 +90,7 @@ class AdapterVersion:
             pinned=self.pinned,
             loading=self.loading or self.queued,
             error=self.error,
-            active_requests=self.requests,
+            active_requests=self.holders,
             content_hash=self.spec.content_hash,
             stats=AdapterStats(**vars(self.stats)),
         )

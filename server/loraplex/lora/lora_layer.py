@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraplex.lora.adapter import AdapterWeights, BaseLayerInfo
+from loraplex.lora.adapter_spec import BaseLayerInfo
+from loraplex.lora.adapter_weights import AdapterWeights
 from loraplex.lora.lora_ops import EMPTY_BATCH, LoraBatch, SlotViews, grouped_lora
 
 # The projections of Llama / Mistral / Qwen2-style blocks; other linear layers inside the
@@ -216,15 +217,6 @@ class LoraModel:
             module = weights.modules.get(name)
             # Views over this layer's own rank; None where the adapter does not target the layer.
             layer.views[slot] = None if module is None else (layer.lora_a[slot, : module.a.shape[0]].t(), layer.lora_b[slot, : module.a.shape[0]])
-
-    def clear_slot(self, slot: int) -> None:
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.lora_a[slot].zero_()
-                layer.lora_b[slot].zero_()
-        self.slot_ranks[slot] = 0
-        for layer in self.layers.values():
-            layer.views[slot] = None
 
     def __iter__(self) -> Iterator[LoraLinear]:
         return iter(self.layers.values())

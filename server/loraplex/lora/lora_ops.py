@@ -49,7 +49,6 @@ class LoraBatch:
     segments: list[Segment] = field(default_factory=list)
     dense: bool = False
     num_slots: int = 0  # dense: slots [0, num_slots) are stacked
-    rank: int = 0  # dense: r_max of the pool
     token_mask: torch.Tensor | None = None  # dense: [T, num_slots * r_max], 1 on the token's slot block
     triton: TritonBatch | None = None  # CUDA: kernel metadata
 
@@ -78,7 +77,7 @@ def build_lora_batch(
         start += n
     if start != num_tokens:
         raise ValueError(f"token runs cover {start} tokens, the batch has {num_tokens}")
-    batch = LoraBatch(num_tokens=num_tokens, segments=segments, rank=max_rank)
+    batch = LoraBatch(num_tokens=num_tokens, segments=segments)
     if not segments:
         return batch
     if use_triton:

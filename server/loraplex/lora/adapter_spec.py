@@ -1,4 +1,4 @@
-"""Reading and validating PEFT LoRA directories.
+"""Reading and validating PEFT LoRA directories, and their content hash. No torch here.
 
 A directory holds `adapter_config.json` and `adapter_model.safetensors` (never a pickle).
 Anything that would make the served output differ from PEFT's is refused with the reason,
@@ -10,6 +10,13 @@ so an adapter is either applied exactly or not at all:
 
 rsLoRA, rank_pattern and alpha_pattern are honoured with PEFT's exact scale
 (alpha / r, or alpha / sqrt(r) with rsLoRA; patterns matched as PEFT's get_pattern_key).
+
+    directory ──read_spec──> AdapterSpec (config + safetensors header checked against the base;
+                             no tensor data read)       the registered tier
+              ──load_weights (adapter_weights.py, torch)──> AdapterWeights   the host tier
+
+`hash_adapter_files` is the one content hash: registration records it, loading checks the
+bytes it reads against it, and uploads are stored under it.
 """
 
 from __future__ import annotations
@@ -18,15 +25,14 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an adapter directory serves, in content-hash order
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -70,9 +76,8 @@ class AdapterSpec:
     rank_pattern: Mapping[str, int]
     alpha_pattern: Mapping[str, float]
     target_modules: tuple[str, ...] | str
-    content_hash: str
+    content_hash: str  # hash_adapter_files of the directory when it was checked
     module_ranks: Mapping[str, int]  # module name -> rank, for every targeted module
-    raw: Mapping[str, Any]
 
     def host_bytes(self, layers: Mapping[str, BaseLayerInfo], itemsize: int) -> int:
         """Bytes the validated tensors take in the host tier at the compute dtype."""
@@ -83,21 +88,6 @@ class AdapterSpec:
         alpha_key = _pattern_key(self.alpha_pattern, module_name)
         alpha = float(self.alpha_pattern.get(alpha_key, self.alpha))
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-
-@dataclass(frozen=True, slots=True)
-class LoraModuleWeights:
-    a: torch.Tensor  # [r, d_in]
-    b: torch.Tensor  # [r, d_out]: B transposed, PEFT's scale folded in
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterWeights:
-    """Validated tensors of one adapter (the host tier)."""
-
-    modules: dict[str, LoraModuleWeights]
-    rank: int
-    nbytes: int
 
 
 def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
@@ -123,23 +113,26 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _content_hash(*blobs: bytes) -> str:
+def content_hash(files: Iterable[Iterable[bytes]]) -> str:
+    """The adapter content hash: sha256 over each file's bytes (in ADAPTER_FILES order), each
+    followed by a NUL; 16 hex digits. A file comes as its bytes in one or more chunks."""
     h = hashlib.sha256()
-    for blob in blobs:
-        h.update(blob)
+    for chunks in files:
+        for chunk in chunks:
+            h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()[:16]
 
 
-def _hash_files(*files: Path) -> str:
-    """The same digest as _content_hash over the files' bytes, read in chunks."""
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+def _chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            yield chunk
+
+
+def hash_adapter_files(directory: Path) -> str:
+    """content_hash of an adapter directory's files, read from disk in 1 MiB chunks."""
+    return content_hash(_chunks(Path(directory) / name) for name in ADAPTER_FILES)
 
 
 def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) -> AdapterSpec:
@@ -203,13 +196,13 @@ def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) ->
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         target_modules=target_modules,
-        content_hash=_hash_files(path / CONFIG_FILE, weights),
+        content_hash=hash_adapter_files(path),
         module_ranks=module_ranks,
-        raw=config,
     )
 
 
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+# The tensor names PEFT saves: <module>.lora_A.weight, <module>.lora_B.weight (an adapter name may sit between).
+LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
@@ -240,7 +233,7 @@ def _check_tensors(
             raise AdapterError(f"{path}: DoRA weights ({key}) are not supported")
         if "lora_embedding_" in key:
             raise AdapterError(f"{path}: embedding LoRA ({key}) is not supported")
-        match = _KEY_RE.match(key)
+        match = LORA_KEY_RE.match(key)
         if match is None:
             raise AdapterError(f"{path}: unexpected tensor {key!r} (only lora_A / lora_B weights are served)")
         module, kind = match["module"], match["kind"]
@@ -269,49 +262,6 @@ def _check_tensors(
             )
         ranks[module] = r
     return ranks
-
-
-def load_weights(spec: AdapterSpec, dtype: torch.dtype, pin_memory: bool = False) -> AdapterWeights:
-    """Read the tensors of a checked adapter, fold PEFT's scale into B and cast once."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
-    path = spec.path
-    try:
-        config_bytes = (path / CONFIG_FILE).read_bytes()
-        data = (path / WEIGHTS_FILE).read_bytes()
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot read the adapter files: {e}") from None
-    if _content_hash(config_bytes, data) != spec.content_hash:
-        raise AdapterError(f"{path}: the files changed on disk since the adapter was registered; load it again")
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, RuntimeError) as e:
-        raise AdapterError(f"{path}: cannot read {WEIGHTS_FILE}: {e}") from None
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY_RE.match(key)
-        if match is not None:
-            by_module.setdefault(match["module"], {})[match["kind"]] = tensor
-
-    modules: dict[str, LoraModuleWeights] = {}
-    nbytes = 0
-    for module, rank in spec.module_ranks.items():
-        pair = by_module.get(module, {})
-        a, b = pair.get("lora_A"), pair.get("lora_B")
-        if a is None or b is None or a.shape[0] != rank or b.shape[1] != rank:
-            raise AdapterError(f"{path}: {module}: tensors changed on disk since the adapter was registered")
-        scale = spec.scale_for(module, rank)
-        # Fold the scale into B in fp32, then cast once: x @ Aᵀ @ (s·B)ᵀ == s·(x @ Aᵀ @ Bᵀ).
-        b_t = (b.to(torch.float32) * scale).t().to(dtype).contiguous()
-        a_c = a.to(dtype).contiguous()
-        if not (torch.isfinite(a_c).all() and torch.isfinite(b_t).all()):
-            raise AdapterError(f"{path}: {module}: LoRA weights contain NaN or Inf")
-        if pin_memory:
-            a_c, b_t = a_c.pin_memory(), b_t.pin_memory()
-        modules[module] = LoraModuleWeights(a=a_c, b=b_t)
-        nbytes += a_c.nbytes + b_t.nbytes
-    return AdapterWeights(modules=modules, rank=spec.rank, nbytes=nbytes)
 
 
 def _check_target_names(path: Path, targets: tuple[str, ...] | str, layers: Mapping[str, BaseLayerInfo]) -> None:

@@ -1,0 +1,55 @@
+"""Device adapter slots as the layers above and below see them: two small interfaces. No torch here.
+
+    Scheduler ──AdapterSlots──> AdapterStore ──SlotWriter──> LoraModel (the slot pool on the device)
+    try_acquire / release / ...   (adapter_store.py)   write_slot      (lora_layer.py)
+
+An adapter slot is one index of the LoRA pool (`max_loras` of them): it holds one adapter
+version's A and Bᵀ in every wrapped layer. (Not a KV cache row: those are `kv rows`.)
+
+Who calls what (AdapterSlots, all on the engine thread, from Scheduler):
+  try_acquire(adapter)   admission: ACQUIRED (a slot reference is now held), NOT_READY, FAILED
+  release(adapter)       a running request finishes or is preempted: drop its slot reference
+  on_device(adapter)     aging: does this adapter already have a slot?
+  loaded(adapter)        aging: is it in host memory, needing only a slot?
+  failure(adapter)       the reason to end a request whose adapter FAILED
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from loraplex.lora.adapter_weights import AdapterWeights
+
+
+class SlotState(enum.Enum):
+    ACQUIRED = "acquired"  # the adapter is on the device; a reference is held
+    NOT_READY = "not_ready"  # loading from disk, or every slot is in use: wait
+    FAILED = "failed"  # the adapter cannot be served: end the request with its error
+
+
+class AdapterSlots(Protocol):
+    """The device tier as the scheduler sees it (implemented by adapter_store.AdapterStore)."""
+
+    def try_acquire(self, adapter: object) -> SlotState: ...
+
+    def release(self, adapter: object) -> None: ...
+
+    def failure(self, adapter: object) -> str: ...
+
+    def on_device(self, adapter: object) -> bool: ...
+
+    def loaded(self, adapter: object) -> bool:
+        """In host memory (or on the device): a slot is all it still needs."""
+        ...
+
+
+class SlotWriter(Protocol):
+    """The slot pool as the adapter store sees it (implemented by lora_layer.LoraModel)."""
+
+    max_loras: int
+
+    def write_slot(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy an adapter's host tensors into slot `slot` of every layer (store lock held)."""
+        ...

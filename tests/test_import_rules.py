@@ -1,0 +1,59 @@
+"""The layer rules that import-linter cannot see: modules said to be torch-free import without it.
+
+Each module is imported in a fresh interpreter whose import system refuses `torch` (and
+anything under it), so a torch import anywhere on the module's import chain fails the test.
+The other rules (lora never imports engine or api, engine never imports api, model never
+imports engine / api / lora, the client never imports the server, no import cycles) are
+import-linter contracts in pyproject.toml, run by `make test` (lint-imports).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+TORCH_FREE = [
+    "loraplex.engine.scheduler",
+    "loraplex.engine.block_manager",
+    "loraplex.engine.request",
+    "loraplex.lora.slots",
+    "loraplex.lora.adapter_spec",
+    "loraplex.lora.adapter_version",
+    "loraplex.lora.adapter_loader",
+    "loraplex.lora.adapter_store",
+]
+
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import importlib, sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"torch is blocked: {name} imported by a torch-free module")
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    importlib.import_module(sys.argv[1])
+    assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch got in"
+    """
+)
+
+
+def _import_without_torch(module: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH, module], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_module_imports_with_torch_blocked(module: str) -> None:
+    proc = _import_without_torch(module)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_block_catches_torch() -> None:
+    """The blocker works: a module that needs torch fails to import."""
+    proc = _import_without_torch("loraplex.lora.adapter_weights")
+    assert proc.returncode != 0 and "torch is blocked" in proc.stderr
