@@ -122,21 +122,30 @@ def _bench_kernels_at(
     import torch
 
     from loraplex.lora import triton_ops
-    from loraplex.lora.lora_ops import build_lora_batch, grouped_lora
+    from loraplex.lora.lora_backend import PoolSlice, slot_views
+    from loraplex.lora.lora_ops import TorchLora
+    from loraplex.lora.triton_lora import TritonLora
 
     (num_tokens, d_in), (num_slots, rank, d_out), device, dtype = x.shape, lora_b.shape, x.device, x.dtype
     k = min(num_slots, num_tokens)  # distinct adapters: the tokens split evenly, one run each
     runs = [(s, num_tokens // k + (s < num_tokens % k)) for s in range(k)]
     y = torch.zeros(num_tokens, d_out, device=device, dtype=dtype)  # [T, d_out]
-    batch = build_lora_batch(runs, [rank] * num_slots, rank, num_tokens, dtype, device, use_triton=True)
-    tb = batch.triton
+    tb = TritonLora(device).prepare(runs, [rank] * num_slots, rank, num_tokens).table
     assert isinstance(tb, triton_ops.TritonBatch)
     v = triton_ops.sgmv_shrink(x, lora_a, tb)  # [T, R] fp32
     shrink_ms = _time_ms(lambda: triton_ops.sgmv_shrink(x, lora_a, tb), device, reps)
     expand_ms = _time_ms(lambda: triton_ops.sgmv_expand(y, v, lora_b, tb), device, reps)
     total_ms = _time_ms(lambda: triton_ops.sgmv_lora(y, x, lora_a, lora_b, tb), device, reps)
-    torch_batch = build_lora_batch(runs, [rank] * num_slots, rank, num_tokens, dtype, device)
-    torch_ms = _time_ms(lambda: grouped_lora(y, x, lora_a, lora_b, torch_batch), device, reps)
+    torch_lora = TorchLora(dtype, device)
+    torch_batch = torch_lora.prepare(runs, [rank] * num_slots, rank, num_tokens)
+    layer = PoolSlice(lora_a, lora_b, slot_views(lora_a, lora_b, [rank] * num_slots))
+
+    def torch_op() -> None:
+        v = torch_lora.shrink(x, layer, torch_batch)
+        assert v is not None
+        torch_lora.expand(y, v, layer, torch_batch)
+
+    torch_ms = _time_ms(torch_op, device, reps)
     item = dtype.itemsize
     # bytes that must cross HBM once: x, the used A and Bᵀ slots, v out and back (fp32), y in and out
     nbytes = (
@@ -225,13 +234,17 @@ def bench_decode(smoke: bool, work_dir: Path) -> dict[str, Any]:
         # warm up: compile the kernels, put every adapter in a device slot
         _run(engine, batch, prompt_len, 4, mixed, seed=1)
         _run(engine, batch, prompt_len, 4, [None], seed=1)
-        modes: list[tuple[str, list[str | None], bool]] = [("base", [None], engine.runner.use_triton), ("mixed", mixed, engine.runner.use_triton)]
-        if engine.runner.use_triton:
-            modes.append(("mixed, torch LoRA ops", mixed, False))
-        for label, adapters, use_triton in modes:
-            engine.runner.use_triton = use_triton
+        chosen = engine.lora.backend  # Triton on a GPU with triton
+        modes: list[tuple[str, list[str | None], Any]] = [("base", [None], chosen), ("mixed", mixed, chosen)]
+        if chosen.name != "torch":
+            from loraplex.lora.lora_ops import TorchLora
+
+            modes.append(("mixed, torch LoRA ops", mixed, TorchLora(engine.loaded.dtype, engine.loaded.device)))
+        for label, adapters, backend in modes:
+            # A measurement only: the engine itself chooses its backend once, at start-up.
+            engine.lora.context.backend = backend
             runs[label] = _run(engine, batch, prompt_len, new_tokens, adapters, seed=2)
-            runs[label]["lora_ops"] = "triton" if use_triton and label != "base" else ("torch" if label != "base" else "-")
+            runs[label]["lora_ops"] = backend.name if label != "base" else "-"
             _log(f"decode {label}: median step {statistics.median(runs[label]['decode_ms']):.2f} ms")
     finally:
         engine.close()

@@ -166,10 +166,11 @@ def poisoned_runner(engine: Any) -> Iterator[None]:
         runner.run = original
 
 
-def make_engine(tiny: TinyModel, register: bool = True, **kwargs: Any) -> Any:
+def make_engine(tiny: TinyModel, register: bool = True, lora_backend: Any = None, **kwargs: Any) -> Any:
+    """An engine on a tiny model; lora_backend: a LoRA backend (or stand-in) instead of the device's."""
     from loraplex.engine.engine import Engine
 
-    engine = Engine(engine_config(tiny, **kwargs))
+    engine = Engine(engine_config(tiny, **kwargs), lora_backend=lora_backend)
     if register:
         for name in tiny.adapters:
             engine.register_adapter(name, name)

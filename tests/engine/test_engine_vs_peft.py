@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import make_engine
 from loraplex.engine.request import SamplingParams
+from loraplex.lora.lora_ops import TorchLora
 
 ADAPTERS = ["qv-r4", "all-r8-rslora", "all-r16-patterns", "attn-r8-layer0"]
 MAX_NEW = 12
@@ -99,24 +101,39 @@ def test_seeded_sampling_ignores_batch_mates(llama_engine: Any) -> None:
     assert unseeded[0].token_ids != alone or unseeded[1].token_ids != alone
 
 
+class CountingTorchLora(TorchLora):
+    """The torch backend held to one form, counting fused sibling shrinks and dense steps."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__(torch.float32, torch.device("cpu"), dense_max_token_slots=10**9 if form == "dense" else 0)
+        self.fused = self.single = self.dense_steps = 0
+
+    def prepare(self, *args: Any) -> Any:
+        batch = super().prepare(*args)
+        self.dense_steps += batch.dense
+        return batch
+
+    def shrink(self, *args: Any) -> Any:
+        self.single += 1
+        return super().shrink(*args)
+
+    def shrink_multi(self, *args: Any) -> Any:
+        before = self.single
+        out = super().shrink_multi(*args)
+        self.fused += self.single == before  # one shrink for all siblings, no fallback
+        return out
+
+
 @pytest.mark.parametrize("form", ["dense", "segments"])
-def test_fused_sibling_shrinks_match_peft(form: str, llama_engine: Any, llama_peft: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_sibling_shrinks_match_peft(form: str, tiny_llama: Any, llama_peft: Any) -> None:
     """q/k/v and gate/up share one shrink when every adapter of the step targets them all."""
-    from loraplex.lora import lora_layer, lora_ops
-
-    monkeypatch.setattr(lora_ops, "DENSE_MAX_TOKEN_SLOTS", 10**9 if form == "dense" else 0)
-    fused_calls = 0
-    original = lora_layer.ProjectionGroup._shrink
-
-    def counting(self: Any, x2: Any, batch: Any) -> Any:
-        nonlocal fused_calls
-        fused_calls += 1
-        return original(self, x2, batch)
-
-    monkeypatch.setattr(lora_layer.ProjectionGroup, "_shrink", counting)
-    prompts = _prompts(llama_engine.loaded.vocab_size, 4, seed=9)
+    backend = CountingTorchLora(form)
+    engine = make_engine(tiny_llama, lora_backend=backend)
+    prompts = _prompts(engine.loaded.vocab_size, 4, seed=9)
     adapters: list[str | None] = ["all-r8-rslora", "all-r16-patterns", None, "all-r8-rslora"]
-    results = llama_engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True), adapters)
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True), adapters)
+    engine.close()
     for prompt, adapter, result in zip(prompts, adapters, results):
         assert result.token_ids == llama_peft.greedy(prompt, adapter, MAX_NEW), adapter
-    assert fused_calls > 0
+    assert backend.fused > 0
+    assert (backend.dense_steps > 0) == (form == "dense")

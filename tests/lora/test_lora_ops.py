@@ -1,4 +1,4 @@
-"""The grouped LoRA op (both torch forms) against a per-token loop in float64."""
+"""The torch LoRA backend (both forms) against a per-token loop in float64."""
 
 from __future__ import annotations
 
@@ -6,10 +6,17 @@ import random
 
 import pytest
 import torch
-from lora_reference import per_token_lora
+from lora_reference import apply_lora, per_token_lora
 
-from loraplex.lora import lora_ops
-from loraplex.lora.lora_ops import build_lora_batch, grouped_lora, slot_views
+from loraplex.lora.lora_backend import PoolSlice, slot_views, token_segments
+from loraplex.lora.lora_ops import TorchLora
+
+CPU = torch.device("cpu")
+
+
+def _backend(form: str) -> TorchLora:
+    """The torch backend held to one form: dense whenever there is more than one segment, or never."""
+    return TorchLora(torch.float32, CPU, dense_max_token_slots=10**9 if form == "dense" else 0)
 
 
 def _case(num_tokens: int, num_slots: int, seed: int, max_rank: int = 16) -> tuple:
@@ -38,13 +45,13 @@ def _case(num_tokens: int, num_slots: int, seed: int, max_rank: int = 16) -> tup
 @pytest.mark.parametrize("num_tokens", [1, 7, 33, 130])
 @pytest.mark.parametrize("num_slots", [1, 3, 8])
 @pytest.mark.parametrize("form", ["dense", "segments"])
-def test_grouped_lora_matches_per_token_loop(num_tokens: int, num_slots: int, form: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_ops, "DENSE_MAX_TOKEN_SLOTS", 10**9 if form == "dense" else 0)
+def test_grouped_lora_matches_per_token_loop(num_tokens: int, num_slots: int, form: str) -> None:
+    backend = _backend(form)
     x, a, b, runs, token_slot, ranks = _case(num_tokens, num_slots, seed=num_tokens * 10 + num_slots)
     base = torch.randn(num_tokens, b.shape[-1])
-    batch = build_lora_batch(runs, ranks, a.shape[1], num_tokens, torch.float32, torch.device("cpu"))
+    batch = backend.prepare(runs, ranks, a.shape[1], num_tokens)
     y = base.clone()
-    grouped_lora(y, x, a, b, batch)
+    apply_lora(backend, y, x, a, b, batch)
     expected = base.double() + per_token_lora(x, a, b, token_slot, ranks)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
     multi_segment = len(batch.segments) > 1
@@ -52,25 +59,55 @@ def test_grouped_lora_matches_per_token_loop(num_tokens: int, num_slots: int, fo
 
 
 def test_segments_merge_per_slot_and_skip_base() -> None:
-    batch = build_lora_batch([(-1, 3), (0, 2), (0, 1), (2, 4)], [4, 0, 8], 16, 10, torch.float32, torch.device("cpu"))
-    assert [(s.start, s.end, s.slot, s.rank) for s in batch.segments] == [(3, 6, 0, 4), (6, 10, 2, 8)]
-    assert not build_lora_batch([(-1, 5)], [0], 16, 5, torch.float32, torch.device("cpu")).segments
+    segments = token_segments([(-1, 3), (0, 2), (0, 1), (2, 4)], [4, 0, 8], 10)
+    assert [(s.start, s.end, s.slot, s.rank) for s in segments] == [(3, 6, 0, 4), (6, 10, 2, 8)]
+    assert not token_segments([(-1, 5)], [0], 5)
+    assert not _backend("dense").prepare([(-1, 5)], [0], 16, 5).segments
     with pytest.raises(ValueError, match="cover"):
-        build_lora_batch([(0, 2)], [4], 16, 3, torch.float32, torch.device("cpu"))
+        token_segments([(0, 2)], [4], 3)
 
 
 @pytest.mark.parametrize("form", ["dense", "segments"])
-def test_slots_that_do_not_target_the_layer_add_nothing(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_ops, "DENSE_MAX_TOKEN_SLOTS", 10**9 if form == "dense" else 0)
+def test_slots_that_do_not_target_the_layer_add_nothing(form: str) -> None:
+    backend = _backend(form)
     x, a, b, runs, token_slot, ranks = _case(40, 4, seed=3)
     skipped = next(s for s in token_slot if s >= 0)
     assert len({s for s in token_slot if s >= 0}) > 1
-    batch = build_lora_batch(runs, ranks, a.shape[1], 40, torch.float32, torch.device("cpu"))
+    batch = backend.prepare(runs, ranks, a.shape[1], 40)
     views = slot_views(a, b, ranks)
     views[skipped] = None  # the adapter in this slot does not target this layer
     base = torch.randn(40, b.shape[-1])
     y = base.clone()
-    grouped_lora(y, x, a, b, batch, views)
+    apply_lora(backend, y, x, a, b, batch, views)
     kept = [s if s != skipped else -1 for s in token_slot]
     expected = base.double() + per_token_lora(x, a, b, kept, ranks)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["dense", "segments"])
+@pytest.mark.parametrize("all_targeted", [True, False], ids=["fused", "one-not-targeted"])
+def test_shrink_multi_matches_per_token_loop(form: str, all_targeted: bool) -> None:
+    """q/k/v-like siblings: one shrink for all (or each alone when an adapter skips one)."""
+    backend = _backend(form)
+    x, a, b, runs, token_slot, ranks = _case(40, 4, seed=5)
+    g = torch.Generator().manual_seed(7)
+    pool = torch.zeros(a.shape[0], 3, *a.shape[1:])  # [slots, P, r, d_in]
+    pool[:, 0] = a
+    for p in (1, 2):
+        pool[:, p] = torch.randn(a.shape, generator=g) * (a != 0)  # zeros past each rank, as in the pool
+    bs = [b, *(torch.randn(b.shape, generator=g) * (b != 0) for _ in (1, 2))]
+    views = [slot_views(pool[:, p], bs[p], ranks) for p in range(3)]
+    skipped = next(s for s in token_slot if s >= 0)
+    if not all_targeted:
+        views[1][skipped] = None  # that adapter does not target the second sibling
+    layers = [PoolSlice(pool[:, p], bs[p], views[p]) for p in range(3)]
+    batch = backend.prepare(runs, ranks, a.shape[1], 40)
+    vs = backend.shrink_multi(x, pool, layers, batch)
+    for p, layer in enumerate(layers):
+        base = torch.randn(40, b.shape[-1], generator=g)
+        y = base.clone()
+        assert vs[p] is not None
+        backend.expand(y, vs[p], layer, batch)
+        kept = [s if views[p][max(s, 0)] is not None else -1 for s in token_slot]
+        expected = base.double() + per_token_lora(x, pool[:, p], bs[p], kept, ranks)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)

@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 import torch
-from lora_reference import per_token_lora
+from lora_reference import apply_lora, per_token_lora
 
-from loraplex.lora.lora_ops import build_lora_batch, grouped_lora, lora_segments, slot_views
+from loraplex.lora.lora_backend import token_segments
+from loraplex.lora.lora_ops import TorchLora
 from loraplex.lora.triton_ops import build_triton_batch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,13 +47,13 @@ class Case:
     d_outs: tuple[int, ...] = (300,)  # more than one: a fused multi-projection shrink
     split_k: int | None = None
     stacked: bool = True  # multi-projection: A pools stacked [P, ...] or a list
-    via_grouped_lora: bool = False  # through lora_ops.grouped_lora, as the LoRA layers call it
+    via_backend: bool = False  # through TritonLora's shrink / expand, as the LoRA layers call them
 
     @property
     def id(self) -> str:
         proj = f"-p{len(self.d_outs)}{'s' if self.stacked else 'l'}" if len(self.d_outs) > 1 else ""
         split = f"-k{self.split_k}" if self.split_k is not None else ""
-        via = "-grouped_lora" if self.via_grouped_lora else ""
+        via = "-backend" if self.via_backend else ""
         shape = f"{self.d_in}x{self.d_outs[0]}"
         return f"t{self.num_tokens}-a{self.num_adapters}-r{self.rank}-{self.dtype}-{shape}{proj}{split}{via}"
 
@@ -79,11 +80,11 @@ INTERPRET_CASES = [
     Case(8, 8, 16, "fp32", d_outs=(300, 100, 100)),  # q/k/v: stacked pools
     Case(8, 8, 16, "bf16", d_outs=(300, 100, 100), stacked=False),  # list of pools (pointer table)
     Case(64, 3, 64, "fp32", d_outs=(256, 256), stacked=False, split_k=2),  # gate/up
-    Case(40, 5, 16, "bf16", via_grouped_lora=True),
+    Case(40, 5, 16, "bf16", via_backend=True),
 ]
 # Llama-7B projection shapes at decode and prefill, through the layers' entry point.
 CUDA_CASES += [
-    Case(t, a, 16, d, d_in=4096, d_outs=(11008,), via_grouped_lora=True)
+    Case(t, a, 16, d, d_in=4096, d_outs=(11008,), via_backend=True)
     for t, a in [(32, 32), (512, 8)] for d in ("bf16", "fp16")
 ]
 
@@ -128,19 +129,18 @@ def _make(case: Case, device: torch.device, seed: int = 0) -> dict[str, Any]:
 def run_case(case: Case, device: torch.device) -> None:
     """Run the kernels on one case and check them; raises AssertionError on a mismatch."""
     from loraplex.lora import triton_ops
+    from loraplex.lora.triton_lora import TritonLora
 
     data = _make(case, device)
     x, ys, lora_as, lora_bs = data["x"], data["ys"], data["lora_as"], data["lora_bs"]
-    batch = build_lora_batch(data["runs"], data["slot_ranks"], case.rank, data["total"], x.dtype, device)
-    tb = build_triton_batch(batch.segments, data["total"], device)
+    tb = build_triton_batch(token_segments(data["runs"], data["slot_ranks"], data["total"]), data["total"], device)
     token_slot = [slot for slot, n in data["runs"] for _ in range(n)]
     outs = [y.clone() for y in ys]
-    if case.via_grouped_lora:
-        layer_batch = build_lora_batch(
-            data["runs"], data["slot_ranks"], case.rank, data["total"], x.dtype, device, use_triton=True
-        )
-        assert isinstance(layer_batch.triton, triton_ops.TritonBatch)
-        grouped_lora(outs[0], x, lora_as[0], lora_bs[0], layer_batch)
+    if case.via_backend:
+        backend = TritonLora(device)
+        layer_batch = backend.prepare(data["runs"], data["slot_ranks"], case.rank, data["total"])
+        assert isinstance(layer_batch.table, triton_ops.TritonBatch)
+        apply_lora(backend, outs[0], x, lora_as[0], lora_bs[0], layer_batch)
     elif len(case.d_outs) == 1:
         v = triton_ops.sgmv_shrink(x, lora_as[0], tb, split_k=case.split_k)
         triton_ops.sgmv_expand(outs[0], v, lora_bs[0], tb)
@@ -159,8 +159,9 @@ def run_case(case: Case, device: torch.device) -> None:
         expected = y0.cpu().double() + per_token_lora(x_c, a_c, b_c, token_slot, data["slot_ranks"])
         torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
         assert torch.equal(out[base_rows], y0[base_rows]), "base-model tokens were changed"
-        torch_path = y0.clone()
-        lora_segments(torch_path, x, slot_views(a, b, data["slot_ranks"]), batch.segments, batch.num_tokens)
+        torch_path = y0.clone()  # the torch backend's segment form is the reference
+        reference = TorchLora(x.dtype, device, dense_max_token_slots=0)
+        apply_lora(reference, torch_path, x, a, b, reference.prepare(data["runs"], data["slot_ranks"], case.rank, data["total"]))
         torch.testing.assert_close(out, torch_path, rtol=tol, atol=tol)
 
 
@@ -168,8 +169,7 @@ def run_case(case: Case, device: torch.device) -> None:
 
 
 def test_build_triton_batch_holds_the_segment_table() -> None:
-    batch = build_lora_batch([(-1, 3), (0, 2), (0, 1), (2, 4)], [4, 0, 8], 16, 10, torch.float32, torch.device("cpu"))
-    tb = build_triton_batch(batch.segments, 10, torch.device("cpu"))
+    tb = build_triton_batch(token_segments([(-1, 3), (0, 2), (0, 1), (2, 4)], [4, 0, 8], 10), 10, torch.device("cpu"))
     assert tb.starts.tolist() == [3, 6] and tb.lengths.tolist() == [3, 4]
     assert tb.slots.tolist() == [0, 2] and tb.ranks.tolist() == [4, 8]
     assert tb.starts.dtype == torch.int32
@@ -182,9 +182,7 @@ def test_build_triton_batch_holds_the_segment_table() -> None:
 def test_kernels_refuse_cpu_tensors_with_a_reason() -> None:
     from loraplex.lora import triton_ops
 
-    tb = build_triton_batch(
-        build_lora_batch([(0, 2)], [4], 4, 2, torch.float32, torch.device("cpu")).segments, 2, torch.device("cpu")
-    )
+    tb = build_triton_batch(token_segments([(0, 2)], [4], 2), 2, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="triton|CUDA"):
         triton_ops.sgmv_lora(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), tb)
 

@@ -2,8 +2,10 @@
 
 The engine registers `paged_attention` under ATTENTION_NAME with transformers'
 AttentionInterface and sets it on the model. No mask function is registered under that
-name, so transformers builds no mask; each call gets this step's `AttentionMetadata` as the
-keyword argument `loraplex_attn`, passed to `model(...)` by the runner.
+name, so transformers builds no mask; the runner passes no transformers cache either
+(`past_key_values=None`), so each call gets the step's new keys and values (after RoPE) and
+the step's `StepContext` as the keyword argument `loraplex_step`. It writes the keys and
+values to their KV rows, then attends over the cache.
 
 The step's tokens are one packed row ([1, T]) of many sequences:
 - prefill spans (a whole prompt, or a chunk of one): causal attention per span; a first
@@ -14,49 +16,14 @@ The step's tokens are one packed row ([1, T]) of many sequences:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from loraplex.engine.kv_cache import KVCache
+from loraplex.engine.step_context import StepContext
 
 ATTENTION_NAME = "loraplex_paged"
-
-
-@dataclass(slots=True)
-class PrefillSpan:
-    start: int  # first token of the span in the packed batch
-    length: int  # query tokens
-    context_len: int  # keys visible to the last query token (cached + this span)
-    kv_rows: torch.Tensor | None  # [context_len] cache rows of its keys; None when the span is the whole context
-
-
-@dataclass(slots=True)
-class AttentionMetadata:
-    kv_cache: KVCache
-    slot_mapping: torch.Tensor  # [T] flat cache row of each new token
-    prefills: list[PrefillSpan]
-    decode_index: torch.Tensor | None  # [B] token positions of the decodes in the packed batch
-    decode_kv_rows: torch.Tensor | None  # [B * L] cache rows of each decode's keys, L = longest context
-    decode_context_lens: torch.Tensor | None  # [B]
-    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, 1, L] True where a decode token may attend; built once per step and window."""
-        mask = self._decode_masks.get(sliding_window)
-        if mask is None:
-            assert self.decode_kv_rows is not None and self.decode_context_lens is not None
-            length = self.decode_kv_rows.shape[0] // self.decode_context_lens.shape[0]
-            pos = torch.arange(length, device=self.decode_context_lens.device)
-            ctx = self.decode_context_lens[:, None]
-            mask = pos[None, :] < ctx
-            if sliding_window is not None:
-                mask &= pos[None, :] >= ctx - sliding_window
-            mask = mask[:, None, None, :]
-            self._decode_masks[sliding_window] = mask
-        return mask
 
 
 def _gather(cache: torch.Tensor, rows: torch.Tensor, num_seqs: int) -> torch.Tensor:
@@ -90,15 +57,16 @@ def paged_attention(
     sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """query: [1, H, T, d]; key/value: [1, n_kv, T, d] (already written to the cache).
+    """query: [1, H, T, d]; key/value: [1, n_kv, T, d], the step's new tokens.
 
     Returns [1, T, H, d], the layout transformers' attention modules expect.
     """
-    meta: AttentionMetadata | None = kwargs.get("loraplex_attn")
+    meta: StepContext | None = kwargs.get("loraplex_step")
     if meta is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention needs the engine's step metadata")
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs the engine's step context")
     layer: int = module.layer_idx  # type: ignore[assignment]
-    k_cache, v_cache = meta.kv_cache.key[layer], meta.kv_cache.value[layer]
+    k_cache, v_cache = meta.kv_cache.key[layer], meta.kv_cache.value[layer]  # [N, bs, n_kv, d]
+    meta.kv_cache.write(layer, key, value, meta.kv_write_rows)
     num_heads, num_tokens = query.shape[1], query.shape[2]
     gqa = num_heads != key.shape[1]
     out = query.new_empty(num_tokens, num_heads, query.shape[-1])  # [T, H, d]

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 from loraplex.config import EngineConfig
 from loraplex.engine import attention
@@ -35,10 +36,10 @@ from loraplex.engine.request import (
 )
 from loraplex.engine.sampler import Sampler
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
-from loraplex.lora import triton_ops
 from loraplex.lora.adapter_store import AdapterStore
 from loraplex.lora.adapter_version import AdapterInfo, AdapterVersion, StoreListener
 from loraplex.lora.adapter_weights import load_weights
+from loraplex.lora.lora_backend import LoraBackend
 from loraplex.lora.lora_layer import LoraModel
 from loraplex.model.loader import LoadedModel, load_base_model
 
@@ -52,7 +53,10 @@ class Engine:
         loaded: LoadedModel | None = None,
         *,
         store_listener: StoreListener | None = None,
+        lora_backend: LoraBackend[Any] | None = None,
     ) -> None:
+        """lora_backend: the grouped LoRA op's implementation; by default chosen for the device
+        (backends.select_lora_backend). Tests pass stand-ins here."""
         self.config = config
         self.loaded = loaded or load_base_model(config.model)
         model = self.loaded.model
@@ -63,7 +67,7 @@ class Engine:
         device, dtype = self.loaded.device, self.loaded.dtype
 
         lc = config.lora
-        self.lora = LoraModel(model, lc.max_loras, lc.max_lora_rank, dtype, device)
+        self.lora = LoraModel(model, lc.max_loras, lc.max_lora_rank, dtype, device, lora_backend)
         cc = config.cache
         per_block = KVCache.bytes_per_block(
             self.loaded.num_layers, cc.block_size, self.loaded.num_kv_heads, self.loaded.head_dim, dtype.itemsize
@@ -92,8 +96,7 @@ class Engine:
             on_ready=self._wake.set,
         )
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.store, self.max_model_len)
-        use_triton = device.type == "cuda" and triton_ops.HAVE_TRITON
-        self.runner = ModelRunner(self.loaded, self.lora, self.kv_cache, use_triton=use_triton)
+        self.runner = ModelRunner(self.loaded, self.lora, self.kv_cache)
         self.sampler = Sampler(config.seed)
 
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -110,7 +113,7 @@ class Engine:
         log.info(
             "engine ready: %d KV blocks of %d tokens (%.1f MiB), %d LoRA layers x %d slots x rank %d (%.1f MiB), %s",
             num_blocks, cc.block_size, self.kv_cache.nbytes / 2**20, len(self.lora.layers), lc.max_loras,
-            lc.max_lora_rank, self.lora.pool_bytes / 2**20, "triton" if use_triton else "torch LoRA ops",
+            lc.max_lora_rank, self.lora.pool_bytes / 2**20, f"{self.lora.backend.name} LoRA backend",
         )
 
     # -- requests (any thread) ---------------------------------------------------------

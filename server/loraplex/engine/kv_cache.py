@@ -1,20 +1,16 @@
-"""The paged KV cache: per-layer block tensors, and the cache object transformers writes through.
+"""The paged KV cache: per-layer block tensors.
 
-transformers' attention modules call `past_key_values.update(key, value, layer_idx)` with the
-step's new keys and values (after RoPE); `KVCache.update` writes them into their blocks at
-the step's slot mapping and hands them back unchanged. The attention function
-(attention.py) then reads each sequence's keys and values from the blocks.
+A token's key and value live at one *KV row*: row `block * block_size + offset` of the
+flattened [num_blocks * block_size, n_kv, head_dim] view of a layer's tensors (the block
+manager hands out the blocks). The attention function (attention.py) writes the step's new
+keys and values at the step's KV write rows, then reads each sequence's rows back.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
 
 import torch
-
-if TYPE_CHECKING:
-    from loraplex.engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +30,17 @@ class KVCache:
         # key[layer]: [num_blocks, block_size, n_kv, head_dim]
         self.key = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.value = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.meta: AttentionMetadata | None = None  # set by the model runner for each step
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        """Write the step's keys/values ([1, n_kv, T, head_dim]) into their blocks."""
-        meta = self.meta
-        if meta is None:
-            raise RuntimeError("KVCache.update called outside an engine step")
-        slots = meta.slot_mapping  # [T]
-        flat_k = self.key[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.value[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, slots, key_states[0].transpose(0, 1).to(flat_k.dtype))
-        flat_v.index_copy_(0, slots, value_states[0].transpose(0, 1).to(flat_v.dtype))
-        return key_states, value_states
-
-    # transformers may ask these of a cache; the engine passes position_ids, so they are unused.
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write one layer's new keys and values ([1, n_kv, T, head_dim]) at their KV rows ([T])."""
+        flat_k = self.key[layer].view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = self.value[layer].view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, rows, key[0].transpose(0, 1).to(flat_k.dtype))
+        flat_v.index_copy_(0, rows, value[0].transpose(0, 1).to(flat_v.dtype))
 
     @property
     def nbytes(self) -> int:

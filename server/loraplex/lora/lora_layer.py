@@ -1,17 +1,18 @@
 """LoRA layers wrapped once around every targetable linear layer, and the device slot pool.
 
-    x ──> base (Linear4bit NF4 | nn.Linear) ──────────────┐
-     │                                                     + ──> y
-     └──> grouped_lora(x, A[slots], Bᵀ[slots], step batch) ┘
+    x ──> base (Linear4bit NF4 | nn.Linear) ─────────────────────────────┐
+     │                                                                    + ──> y
+     └──> backend.shrink(x, A[slots]) ──v──> backend.expand(v, Bᵀ[slots]) ┘
 
 Each wrapped layer owns its slice of the slot pool: A [max_loras, max_lora_rank, d_in] and
 Bᵀ [max_loras, max_lora_rank, d_out]. Putting an adapter on the device is one copy per layer
 into a slot; a layer the adapter does not target keeps zeros in that slot. The model's
 structure never changes after start-up.
 
-Projections that read the same input (q/k/v, gate/up) form a ProjectionGroup: on CUDA the
-first of them to run does the Triton shrink of all of them in one launch, and each then
-runs only its own expand.
+Every layer holds the model's one LoraContext: the LoRA backend chosen when the model is
+wrapped (backends.py) and the step's LoraBatch (set by the model runner). Projections that
+read the same input (q/k/v, gate/up) form a ProjectionGroup: the first of them to run asks
+the backend for the shrink of all of them at once, and each then runs only its own expand.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch import nn
 
 from loraplex.lora.adapter_spec import BaseLayerInfo
 from loraplex.lora.adapter_weights import AdapterWeights
-from loraplex.lora.lora_ops import EMPTY_BATCH, LoraBatch, SlotViews, grouped_lora
+from loraplex.lora.backends import select_lora_backend
+from loraplex.lora.lora_backend import EMPTY_BATCH, LoraBackend, LoraBatch, SlotViews
 
 # The projections of Llama / Mistral / Qwen2-style blocks; other linear layers inside the
 # decoder blocks are wrapped too (PEFT's "all-linear" also takes every linear but lm_head).
@@ -33,25 +35,32 @@ EXCLUDED = ("lm_head",)
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class LoraStepState:
-    """The current step's LoRA batch, set by the model runner, read by every layer."""
+class LoraContext:
+    """What every LoRA layer reads: the backend (fixed) and the step's batch (the LoRA part of
+    the engine's per-step context).
 
-    __slots__ = ("batch",)
+    One per LoraModel, handed to each layer when it is wrapped (lora/ never imports the
+    engine); the model runner sets the step's batch with `LoraModel.begin_step` and clears it
+    with `end_step` once the forward pass is over.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("backend", "batch")
+
+    def __init__(self, backend: LoraBackend[Any]) -> None:
+        self.backend = backend
         self.batch: LoraBatch = EMPTY_BATCH
 
 
 class LoraLinear(nn.Module):
     def __init__(
-        self, base: nn.Module, in_features: int, out_features: int, state: LoraStepState,
+        self, base: nn.Module, in_features: int, out_features: int, context: LoraContext,
         max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
     ) -> None:
         super().__init__()
         self.base = base
         self.in_features = in_features
         self.out_features = out_features
-        self.state = state
+        self.context = context
         self.register_buffer("lora_a", torch.zeros(max_loras, max_rank, in_features, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(max_loras, max_rank, out_features, dtype=dtype, device=device))
         self.lora_a: torch.Tensor
@@ -62,14 +71,17 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        batch = self.state.batch
+        context = self.context
+        batch = context.batch
         if batch.segments:
             # x: [1, T, d_in] packed tokens; y: [1, T, d_out]
             y2, x2 = y.view(-1, self.out_features), x.view(-1, self.in_features)
             if self.group is not None:
-                self.group.apply(self, x, y2, x2, batch)
+                v = self.group.shrunk(self, x, x2, batch)
             else:
-                grouped_lora(y2, x2, self.lora_a, self.lora_b, batch, self.views)
+                v = context.backend.shrink(x2, self, batch)
+            if v is not None:  # some adapter of the step targets this layer
+                context.backend.expand(y2, v, self, batch)
         return y
 
 
@@ -77,12 +89,12 @@ class ProjectionGroup:
     """LoRA layers fed the same input tensor: one shrink serves them all.
 
     Their A pools live in one tensor [slots, P, r, d_in] (each layer's `lora_a` is a view), so
-    the shrink of all P projections is one matmul on the CPU (one larger GEMM streams the
-    weights ~30% faster than P small ones) or one Triton launch on CUDA. The first sibling to
-    run computes it and caches it for the others until the step ends.
+    the backend can shrink all P projections at once (`shrink_multi`: one matmul on the CPU,
+    one Triton launch on CUDA). The first sibling to run asks for it and caches one result per
+    sibling until the step ends.
     """
 
-    __slots__ = ("_fused", "_input", "_v", "layers", "pool")
+    __slots__ = ("_input", "_v", "layers", "pool")
 
     def __init__(self, layers: list[LoraLinear]) -> None:
         self.layers = layers
@@ -92,56 +104,18 @@ class ProjectionGroup:
             layer.lora_a = self.pool[:, i]  # re-point the buffer at its slice of the pool
             layer.group, layer.group_index = self, i
         self._input: torch.Tensor | None = None  # the input the cached shrink was computed for
-        self._v: Any = None
-        self._fused = False
+        self._v: list[Any] = []
 
-    def apply(self, layer: LoraLinear, x: torch.Tensor, y2: torch.Tensor, x2: torch.Tensor, batch: LoraBatch) -> None:
-        if not any(layer.views[s.slot] is not None for s in batch.segments):
-            return  # no adapter of this step targets this projection
+    def shrunk(self, layer: LoraLinear, x: torch.Tensor, x2: torch.Tensor, batch: LoraBatch) -> Any:
+        """This sibling's shrink result (None: no adapter of the step targets it)."""
         if self._input is not x:  # the first sibling to run this step
             self._input = x
-            # On the CPU, fusing pays only when every adapter of the step targets every sibling
-            # (else it would read zeros); a Triton launch is worth saving in any case.
-            self._fused = batch.triton is not None or all(
-                m.views[s.slot] is not None for m in self.layers for s in batch.segments
-            )
-            self._v = self._shrink(x2, batch) if self._fused else None
-        if not self._fused:
-            grouped_lora(y2, x2, layer.lora_a, layer.lora_b, batch, layer.views)
-        elif batch.triton is not None:
-            from loraplex.lora.triton_ops import sgmv_expand
-
-            sgmv_expand(y2, self._v[layer.group_index], layer.lora_b, batch.triton)
-        elif batch.dense:
-            v = self._v[:, :, layer.group_index, :]  # [T, n, r]
-            n = v.shape[1]
-            y2.addmm_(v.reshape(v.shape[0], -1), layer.lora_b[:n].reshape(n * v.shape[2], -1))
-        else:
-            for s, v in zip(batch.segments, self._v):  # v: [len, P, r]
-                a_t_b = layer.views[s.slot]
-                assert a_t_b is not None
-                b = a_t_b[1]  # [rank, d_out]
-                y2[s.start : s.end].addmm_(v[:, layer.group_index, : b.shape[0]], b)
-
-    def _shrink(self, x2: torch.Tensor, batch: LoraBatch) -> Any:
-        if batch.triton is not None:
-            from loraplex.lora.triton_ops import sgmv_shrink_multi
-
-            return sgmv_shrink_multi(x2, [m.lora_a for m in self.layers], batch.triton)  # [P, T, R]
-        num_proj, r = len(self.layers), self.pool.shape[2]
-        if batch.dense:
-            n, mask = batch.num_slots, batch.token_mask
-            assert mask is not None
-            v = x2 @ self.pool[:n].reshape(n * num_proj * r, -1).t()  # [T, n*P*r]
-            v = v.view(x2.shape[0], n, num_proj, r)
-            return v.mul_(mask.view(x2.shape[0], n, 1, r))  # each token keeps its own slot
-        return [
-            (x2[s.start : s.end] @ self.pool[s.slot].reshape(num_proj * r, -1).t()).view(-1, num_proj, r)
-            for s in batch.segments
-        ]
+            self._v = layer.context.backend.shrink_multi(x2, self.pool, self.layers, batch)
+        return self._v[layer.group_index]
 
     def reset(self) -> None:
-        self._input = self._v = None
+        self._input = None
+        self._v = []
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -154,10 +128,13 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 class LoraModel:
     """Wraps the base model's linear layers and writes adapters into device slots."""
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
+        backend: LoraBackend[Any] | None = None,
+    ) -> None:
         self.max_loras = max_loras
         self.max_rank = max_rank
-        self.state = LoraStepState()
+        self.context = LoraContext(backend or select_lora_backend(device, dtype))
         self.layers: dict[str, LoraLinear] = {}
         self.slot_ranks = [0] * max_loras  # largest rank of the adapter in each slot
         targets = [
@@ -168,7 +145,7 @@ class LoraModel:
         for name, module, (d_in, d_out) in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            layer = LoraLinear(module, d_in, d_out, self.state, max_loras, max_rank, dtype, device)
+            layer = LoraLinear(module, d_in, d_out, self.context, max_loras, max_rank, dtype, device)
             setattr(parent, child, layer)
             self.layers[name] = layer
         if not self.layers:
@@ -188,9 +165,17 @@ class LoraModel:
                     groups.append(ProjectionGroup(found))
         return groups
 
+    @property
+    def backend(self) -> LoraBackend[Any]:
+        return self.context.backend
+
+    def begin_step(self, batch: LoraBatch) -> None:
+        """The step's LoRA batch (the `lora` part of the engine's StepContext) for every layer."""
+        self.context.batch = batch
+
     def end_step(self) -> None:
-        """Drop the step's cached shrinks (and the inputs they hold)."""
-        self.state.batch = EMPTY_BATCH
+        """Drop the step's batch and cached shrinks (and the inputs they hold)."""
+        self.context.batch = EMPTY_BATCH
         for group in self.groups:
             group.reset()
 

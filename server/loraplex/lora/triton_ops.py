@@ -9,7 +9,7 @@
     y [T, d_out]
 
 Tokens outside every segment (base-model requests) are never read or written. A pool is
-A: [slots, r_max, d_in] and Bᵀ: [slots, r_max, d_out] (see lora_ops.py); rows past an
+A: [slots, r_max, d_in] and Bᵀ: [slots, r_max, d_out] (see lora_backend.py); rows past an
 adapter's rank are masked, not loaded. Projections that share their input (q/k/v,
 gate/up) run their shrinks in one launch with a projection axis P: the A pools come either
 stacked [P, slots, r_max, d_in] or as a list, read through a table of base pointers.
@@ -24,10 +24,11 @@ largest rank rounded up to a power of two within [16, 64] (tl.dot's minimum is 1
 ranks are masked); K tile 256 / 128 / 64 so a decode program streams wide rows of A; d_out
 tile 128 (64 for long segments).
 
-The metadata (`TritonBatch`) is built once per step and shared by every layer; the grid
-sizes it needs (segments, longest segment, largest rank) are Python ints, so no launch
-waits on the device. The module imports without triton or CUDA; the kernels run on CUDA
-tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
+The metadata (`TritonBatch`) is built once per step (TritonLora.prepare in triton_lora.py)
+and shared by every layer; the grid sizes it needs (segments, longest segment, largest rank)
+are Python ints, so no launch waits on the device. The module imports without triton or
+CUDA; the kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1, for tests).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.lora.lora_ops import Segment
+from loraplex.lora.lora_backend import Segment
 
 try:
     import triton
