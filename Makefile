@@ -42,4 +42,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.engine_bench
 
 clean:
-	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -111,7 +111,7 @@ class Engine:
         self.last_step: StepStats | None = None
         self.on_finish: Callable[[Request], None] | None = None  # metrics hook, engine thread
         log.info(
-            "engine ready: %d KV blocks of %d tokens (%.1f MiB), %d LoRA layers x %d slots x rank %d (%.1f MiB), %s",
+            "engine ready: %d KV blocks of %d tokens (%.1f MiB), %d LoRA layers x %d adapter slots x rank %d (%.1f MiB), %s",
             num_blocks, cc.block_size, self.kv_cache.nbytes / 2**20, len(self.lora.layers), lc.max_loras,
             lc.max_lora_rank, self.lora.pool_bytes / 2**20, f"{self.lora.backend.name} LoRA backend",
         )
@@ -180,7 +180,7 @@ class Engine:
         return ids
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
-        """End a request (cancel, deadline); its blocks and slot come back at the next step.
+        """End a request (cancel, deadline); its KV blocks and adapter slot come back at the next step.
 
         Aborts the request that has this id now: a later request reusing the id is not hit.
         """
