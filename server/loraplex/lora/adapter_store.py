@@ -8,9 +8,9 @@
   the version's device slot while it runs (`try_acquire` / `release`, called by the
   scheduler). A version with slot references is never evicted from the device; one that a
   waiting request needs is only evicted from the host once it is on the device.
-- Re-registering an id with new content makes a new version: requests already holding the
-  old one finish on it; new requests resolve to the new one. Retired versions leave every
-  tier when their last request ends.
+- Re-registering an id with new content makes a new version (numbered per id: 1, 2, ...):
+  requests already holding the old one finish on it; new requests resolve to the new one.
+  Retired versions leave every tier when their last request ends.
 - `pin` keeps an adapter resident in the host and device tiers.
 - Disk reads happen only on the loader thread (adapter_loader.py), oldest need first, within
   the host budget.
@@ -20,7 +20,6 @@ No torch here: reading tensors and writing slots are injected (`load_fn`, `slots
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -85,7 +84,7 @@ class AdapterStore:
         self._device_lru: OrderedDict[int, None] = OrderedDict()
         self._host_bytes = 0
         self._queue: deque[AdapterVersion] = deque()
-        self._version_counter = itertools.count(1)
+        self._last_version: dict[str, int] = {}  # id -> its newest version number, kept after unregister
         self.counters: dict[tuple[str, str], int] = {}
         self._loader = AdapterLoader(self._changed, self._next_load, load_fn, self._finish_load, self.on_ready)
 
@@ -109,7 +108,10 @@ class AdapterStore:
                 return current
             if pin:
                 self._check_pin_room(exclude=current)
-            version = AdapterVersion(adapter_id, next(self._version_counter), spec, host_bytes)
+            # Versions count per id from 1; a number is never reused (retired versions may still run).
+            number = self._last_version.get(adapter_id, 0) + 1
+            self._last_version[adapter_id] = number
+            version = AdapterVersion(adapter_id, number, spec, host_bytes)
             if current is not None:
                 version.stats = current.stats
                 self._retire(current)
