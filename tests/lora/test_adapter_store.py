@@ -201,8 +201,11 @@ def test_paths_must_stay_inside_the_root(tiny_llama: TinyModel, tmp_path: Path) 
         store.register("x", str(outside / "evil"), relative_only=True)
     with pytest.raises(AdapterError, match="outside the adapter roots"):
         store.register("x", "link", relative_only=True)
-    with pytest.raises(AdapterError, match="not a directory"):
+    with pytest.raises(AdapterNotFoundError, match="'missing' does not exist under the adapter roots"):
         store.register("x", "missing", relative_only=True)
+    (root / "a-file").write_text("")
+    with pytest.raises(AdapterError, match="not a directory"):
+        store.register("x", "a-file", relative_only=True)
     with pytest.raises(AdapterError, match="invalid"):
         store.register("../x", "good", relative_only=True)
     with pytest.raises(AdapterError, match="outside the adapter roots"):
@@ -211,6 +214,24 @@ def test_paths_must_stay_inside_the_root(tiny_llama: TinyModel, tmp_path: Path) 
         store.resolve("nothing-here")
     assert store.register("ok", "good", relative_only=True).version >= 1
     assert store.resolve("good").adapter_id == "good"  # auto-registered by directory name
+    engine.close()
+
+
+def test_versions_count_per_adapter_id_from_one(tiny_llama: TinyModel, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for i in (1, 2, 3):
+        _variant(tiny_llama.adapters["qv-r4"], root / f"w{i}", seed=i)
+    engine = make_engine(tiny_llama, register=False, roots=(str(root),))
+    store = engine.store
+    assert store.register("acme/a", "w1").version == 1
+    assert store.register("acme/b", "w1").version == 1  # a new id starts at 1, whatever others did
+    assert store.register("acme/a", "w2").version == 2
+    assert store.register("acme/a", "w2").version == 2  # same content: the same version
+    assert store.register("acme/b", "w3").version == 2
+    store.unregister("acme/a")
+    # A number is never reused for an id: a retired v2 may still be finishing requests.
+    assert store.register("acme/a", "w3").version == 3
+    assert [(i.adapter_id, i.version) for i in store.infos()] == [("acme/a", 3), ("acme/b", 2)]
     engine.close()
 
 

@@ -143,6 +143,8 @@ def resolve_adapter_path(roots: tuple[Path, ...], path: str | Path, *, relative_
     if not roots:
         if relative_only:
             raise AdapterError("no adapter root is configured")
+        if not p.exists():
+            raise AdapterNotFoundError(f"adapter path {str(path)!r} does not exist")
         return p.resolve()
     candidates = [p] if p.is_absolute() else [root / p for root in roots]
     for candidate in candidates:
@@ -154,4 +156,6 @@ def resolve_adapter_path(roots: tuple[Path, ...], path: str | Path, *, relative_
             raise AdapterError(f"adapter path {str(path)!r} resolves outside the adapter roots")
     if p.is_absolute():
         raise AdapterError(f"adapter path {str(path)!r} is outside the adapter roots")
+    if not any(c.exists() for c in candidates):  # NOT_FOUND, not "incompatible": nothing is there
+        raise AdapterNotFoundError(f"adapter path {str(path)!r} does not exist under the adapter roots")
     raise AdapterError(f"adapter path {str(path)!r} is not a directory under the adapter roots")
