@@ -10,16 +10,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_client.errors import InvalidRequestError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # the order they are sent
 
 
+def _invalid(argument: str, problem: str) -> InvalidRequestError:
+    return InvalidRequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{argument}: {problem}")
+
+
 def adapter_files(local_dir: str | Path) -> list[Path]:
-    """The files to send, checked before the call starts; FileNotFoundError names what is missing."""
+    """The files to send, checked before the call starts.
+
+    A directory that does not exist or lacks a file raises InvalidRequestError naming
+    `local_dir`, the path and what is missing.
+    """
     root = Path(local_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(root)!r} does not exist")
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise _invalid("local_dir", f"adapter directory {str(root)!r} {what}")
     missing = [name for name in ADAPTER_FILES if not (root / name).is_file()]
     if missing:
         hint = ""
@@ -28,9 +40,7 @@ def adapter_files(local_dir: str | Path) -> list[Path]:
                 "; adapter_model.bin (pickle) is never uploaded: save the adapter with "
                 "save_pretrained(..., safe_serialization=True)"
             )
-        raise FileNotFoundError(
-            f"{str(root)!r} is not a PEFT LoRA directory: missing {', '.join(missing)}{hint}"
-        )
+        raise _invalid("local_dir", f"{str(root)!r} is not a PEFT LoRA directory: missing {', '.join(missing)}{hint}")
     return [root / name for name in ADAPTER_FILES]
 
 
@@ -51,4 +61,4 @@ def upload_requests(
 
 def check_chunk_size(chunk_size: int) -> None:
     if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        raise _invalid("chunk_size", f"must be positive, got {chunk_size}")

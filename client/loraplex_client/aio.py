@@ -107,7 +107,8 @@ class AsyncClient:
     ) -> AdapterInfo:
         """Send a local PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
 
-        Raises FileNotFoundError, before anything is sent, when either file is missing.
+        Raises InvalidRequestError naming local_dir, before anything is sent, when the
+        directory or either file is missing.
         """
         _upload.check_chunk_size(chunk_size)
         files = _upload.adapter_files(local_dir)

@@ -3,6 +3,8 @@
 Every failed call raises a LoraplexError subclass, so callers catch by meaning
 (`except AdapterNotFoundError`) instead of comparing `grpc.StatusCode`s. A code the
 server does not document (UNIMPLEMENTED, DATA_LOSS, ...) raises LoraplexError itself.
+Arguments the SDK can check before sending (a value the proto cannot hold, an upload
+directory that is missing or incomplete) raise InvalidRequestError naming the argument.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ class InvalidRequestError(LoraplexError):
 
 
 class AdapterNotFoundError(LoraplexError):
-    """NOT_FOUND: unknown adapter id. The server never falls back to the base model."""
+    """NOT_FOUND: unknown adapter id, or a LoadAdapter path that does not exist under the root.
+
+    The server never falls back to the base model.
+    """
 
 
 class AdapterIncompatibleError(LoraplexError):
@@ -67,6 +72,10 @@ class RequestCancelledError(LoraplexError):
     """CANCELLED: the call was cancelled (by this client or the server)."""
 
 
+class RequestAbortedError(LoraplexError):
+    """ABORTED: the server ended the request, e.g. its adapter was unloaded with force=True."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[LoraplexError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: AdapterNotFoundError,
@@ -79,6 +88,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LoraplexError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.INTERNAL: InternalServerError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
+    grpc.StatusCode.ABORTED: RequestAbortedError,
 }
 
 

@@ -48,6 +48,7 @@ STATUS_ERRORS: list[tuple[grpc.StatusCode, str]] = [
     (grpc.StatusCode.PERMISSION_DENIED, "PermissionDeniedError"),
     (grpc.StatusCode.INTERNAL, "InternalServerError"),
     (grpc.StatusCode.CANCELLED, "RequestCancelledError"),
+    (grpc.StatusCode.ABORTED, "RequestAbortedError"),
     (grpc.StatusCode.DATA_LOSS, "LoraplexError"),
 ]
 

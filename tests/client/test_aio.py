@@ -20,6 +20,7 @@ from loraplex_client import (
     AsyncGenerateStream,
     DeadlineExceededError,
     GenerateChunk,
+    InvalidRequestError,
     LoraplexError,
     Usage,
 )
@@ -142,7 +143,7 @@ def test_upload_and_refusal(fake_server: FakeServer, tmp_path: Path) -> None:
         async with AsyncClient(fake_server.address) as client:
             info = await client.upload_adapter("acme/up", local, chunk_size=1000)
             assert (info.adapter_id, info.tier) == ("acme/up", "registered")
-            with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+            with pytest.raises(InvalidRequestError, match="local_dir: .*adapter_model.safetensors"):
                 await client.upload_adapter("acme/bad", incomplete)
 
     asyncio.run(main())

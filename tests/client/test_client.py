@@ -203,10 +203,23 @@ def test_upload_refuses_an_incomplete_directory_locally(
         config=missing != "adapter_config.json",
         safetensors=missing != "adapter_model.safetensors",
     )
-    with Client(fake_server.address) as client, pytest.raises(FileNotFoundError, match=missing) as raised:
+    with Client(fake_server.address) as client, pytest.raises(InvalidRequestError, match=f"^INVALID_ARGUMENT: local_dir: .*{missing}") as raised:
         client.upload_adapter("acme/up", local)
     if missing == "adapter_model.safetensors":
         assert "pickle" in str(raised.value)  # says why the .bin next to it was not used
+    assert UPLOAD not in fake_server.recorder.methods()
+
+
+def test_upload_argument_errors_name_the_argument(fake_server: FakeServer, tmp_path: Path) -> None:
+    nowhere, a_file = tmp_path / "nowhere", tmp_path / "a-file"
+    a_file.write_text("")
+    with Client(fake_server.address) as client:
+        with pytest.raises(InvalidRequestError, match=f"local_dir: adapter directory '{nowhere}' does not exist"):
+            client.upload_adapter("acme/up", nowhere)
+        with pytest.raises(InvalidRequestError, match=f"local_dir: adapter directory '{a_file}' is not a directory"):
+            client.upload_adapter("acme/up", a_file)
+        with pytest.raises(InvalidRequestError, match="chunk_size: must be positive, got 0"):
+            client.upload_adapter("acme/up", make_adapter_dir(tmp_path / "ok"), chunk_size=0)
     assert UPLOAD not in fake_server.recorder.methods()
 
 
