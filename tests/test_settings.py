@@ -68,6 +68,11 @@ def test_lists_and_booleans_from_every_source(tmp_path: Path) -> None:
         ("[lora]\nmax_loraz = 4\n", {}, r"unknown option lora\.max_loraz"),
         ("max_loras = 2.5\n", {}, r"max_loras \(from .*loraplex\.toml: max_loras\): not an integer"),
         ("max_loras = true\n", {}, r"max_loras .*not an integer"),
+        ('max_loras = "4"\n', {}, r"max_loras \(from .*loraplex\.toml: max_loras\): not an integer: '4'"),
+        ('drain_timeout = "30"\n', {}, r"drain_timeout .*not a number: '30'"),
+        ('auto_register = "true"\n', {}, r"auto_register .*not a boolean: 'true'"),
+        ('adapter_root = "/a"\n', {}, r"adapter_root .*not an array of strings: '/a'"),
+        ("auth_token = [1]\n", {}, r"auth_token .*not an array of strings"),
         ('quantization = "fp8"\n', {}, r"quantization .*'fp8' is not one of nf4, none"),
         ("model = 5\n", {}, r"model .*not a string"),
         ("auto_register = 1\n", {}, r"auto_register .*not a boolean"),
@@ -80,6 +85,11 @@ def test_lists_and_booleans_from_every_source(tmp_path: Path) -> None:
 def test_bad_file_and_env_values_name_the_option(tmp_path: Path, text: str, env: dict[str, str], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         settings.resolve(parse("--config", toml(tmp_path, text)), env)
+
+
+def test_an_integer_is_a_number_in_the_file(tmp_path: Path) -> None:
+    values = settings.resolve(parse("--config", toml(tmp_path, "drain_timeout = 30\n")), {})
+    assert values["drain_timeout"] == 30.0 and isinstance(values["drain_timeout"], float)
 
 
 def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:

@@ -90,32 +90,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def _convert(option: Option, value: Any, source: str) -> Any:
-    """A value from the environment (str) or the file (TOML types) as the option's type."""
+def _convert(option: Option, value: Any, source: str, *, text: bool) -> Any:
+    """A value as the option's type: parsed from text (the environment), or checked as typed (TOML).
+
+    A TOML value keeps its type: "4" is not an integer, 2.5 or true is not 2 or 1.
+    """
     try:
         if option.many:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(v).strip() for v in items if str(v).strip())
-        if option.type is bool and isinstance(value, str):
-            low = value.strip().lower()
-            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(f"not a boolean: {value!r}")
-            return low in ("1", "true", "yes", "on")
-        if option.type is bool and not isinstance(value, bool):
-            raise ValueError(f"not a boolean: {value!r}")
-        # TOML values keep their type: no silent 2.5 -> 2, true -> 1 or [..] -> "[..]"
-        if option.type is int and isinstance(value, bool | float):
-            raise ValueError(f"not an integer: {value!r}")
-        if option.type is float and isinstance(value, bool):
-            raise ValueError(f"not a number: {value!r}")
-        if option.type is str and not isinstance(value, str):
-            raise ValueError(f"not a string: {value!r}")
-        converted = option.type(value)
+            if text:
+                items = value.split(",")
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                items = value
+            else:
+                raise ValueError(f"not an array of strings: {value!r}")
+            return tuple(v.strip() for v in items if v.strip())
+        converted = _parse(option, value) if text else _typed(option, value)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{option.name} (from {source}): {e}") from None
     if option.choices and converted not in option.choices:
         raise ValueError(f"{option.name} (from {source}): {converted!r} is not one of {', '.join(option.choices)}")
     return converted
+
+
+def _parse(option: Option, value: str) -> Any:
+    if option.type is bool:
+        low = value.strip().lower()
+        if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"not a boolean: {value!r}")
+        return low in ("1", "true", "yes", "on")
+    return option.type(value)
+
+
+def _typed(option: Option, value: Any) -> Any:
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[option.type]
+    if not isinstance(value, expected) or (isinstance(value, bool) and option.type is not bool):
+        kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[option.type]
+        raise ValueError(f"not {kind}: {value!r}")
+    return option.type(value)
 
 
 def _file_values(path: str) -> dict[str, Any]:
@@ -131,7 +142,7 @@ def _file_values(path: str) -> dict[str, Any]:
             if isinstance(value, dict):
                 walk(value, f"{where}{key}.")
             elif name in BY_NAME:
-                flat[name] = _convert(BY_NAME[name], value, f"{path}: {where}{key}")
+                flat[name] = _convert(BY_NAME[name], value, f"{path}: {where}{key}", text=False)
             else:
                 raise ValueError(f"config file {path}: unknown option {where}{key}")
 
@@ -160,7 +171,7 @@ def resolve_with_sources(
     for o in OPTIONS:
         raw = environ.get(ENV_PREFIX + o.name.upper())
         if raw is not None:
-            values[o.name] = _convert(o, raw, f"${ENV_PREFIX}{o.name.upper()}")
+            values[o.name] = _convert(o, raw, f"${ENV_PREFIX}{o.name.upper()}", text=True)
             sources[o.name] = f"${ENV_PREFIX}{o.name.upper()}"
     for o in OPTIONS:
         flag_value = ns.get(o.name)
