@@ -10,6 +10,7 @@ from loraplex.demo_run import run_demo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # building the demo takes ~30 s alone, minutes on a machine that runs other jobs too
 def test_demo_builds_and_every_answer_comes_from_its_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_demo(tmp_path / "demo") == 0
     out = capsys.readouterr().out
