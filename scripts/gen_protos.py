@@ -1,7 +1,9 @@
-"""Generate the Python stubs of protos/ into client/loraplex_client/_proto (`make protos`).
+"""Generate the Python stubs of protos/ into client/loraplex_proto/v1 (`make protos`).
 
-The proto is mapped under `loraplex_client/_proto/` so the generated imports name the
-client package, never the server's `loraplex` package.
+`protos/loraplex/v1/loraplex.proto` is mapped to `loraplex_proto/v1/loraplex.proto`, so the
+generated imports name the public `loraplex_proto` package that the server and the client
+SDK both import (never the server's `loraplex` package, never a private client module).
+Only `v1/` is generated; `loraplex_proto/__init__.py` and `health.py` are written by hand.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO = "loraplex/v1/loraplex.proto"
-PREFIX = "loraplex_client/_proto"
+PACKAGE = "loraplex_proto"
+PROTO = "v1/loraplex.proto"
+GENERATED = f"{PACKAGE}/v1"  # what this script writes, under client/
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -21,23 +24,21 @@ def generate(out_root: Path) -> list[Path]:
 
     args = [
         "grpc_tools.protoc",
-        f"-I{PREFIX}={ROOT / 'protos'}",
+        f"-I{PACKAGE}={ROOT / 'protos' / 'loraplex'}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
-        f"{PREFIX}/{PROTO}",
+        f"{PACKAGE}/{PROTO}",
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    pkg = out_root / PREFIX
-    for d in [pkg, pkg / "loraplex", pkg / "loraplex" / "v1"]:
-        (d / "__init__.py").touch()
-    return sorted(p for p in pkg.rglob("*") if p.is_file())
+    generated = out_root / GENERATED
+    (generated / "__init__.py").touch()
+    return sorted(p for p in generated.rglob("*") if p.is_file())
 
 
 def main() -> int:
-    target = ROOT / "client" / PREFIX
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(ROOT / "client" / GENERATED, ignore_errors=True)
     for path in generate(ROOT / "client"):
         print(path.relative_to(ROOT))
     return 0

@@ -11,7 +11,6 @@ from typing import Any, TypedDict, Unpack
 
 import grpc
 
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client.errors import InvalidRequestError
 from loraplex_client.types import (
     AdapterInfo,
@@ -22,6 +21,7 @@ from loraplex_client.types import (
     UnloadResult,
     Usage,
 )
+from loraplex_proto.v1 import loraplex_pb2 as pb
 
 _REPEATED = frozenset({"prompt_token_ids", "stop", "stop_token_ids"})
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client.errors import InvalidRequestError
+from loraplex_proto.v1 import loraplex_pb2 as pb
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # the order they are sent
 

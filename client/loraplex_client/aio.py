@@ -16,15 +16,16 @@ from typing import Any, Unpack
 
 import grpc
 
-from loraplex_client import _convert, _health, _upload
+from loraplex_client import _convert, _upload
 from loraplex_client._channel import auth_metadata, channel_credentials, deadline
 from loraplex_client._convert import GenerateOptions
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import HEALTH_TIMEOUT_S
 from loraplex_client.errors import error_from_rpc
 from loraplex_client.stream import AsyncGenerateStream
 from loraplex_client.types import AdapterInfo, GenerateResult, ModelInfo, UnloadResult
+from loraplex_proto import health
+from loraplex_proto.v1 import loraplex_pb2 as pb
+from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
 
 
 class AsyncClient:
@@ -46,11 +47,7 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.secure_channel(target, credentials)
         self._stub = pb_grpc.LoraPlexStub(self._channel)
-        self._health_check = self._channel.unary_unary(
-            _health.CHECK_METHOD,
-            request_serializer=_health.HealthCheckRequest.SerializeToString,
-            response_deserializer=_health.HealthCheckResponse.FromString,
-        )
+        self._health_check = health.check_stub(self._channel)
         self._metadata = auth_metadata(token)
         self._timeout = timeout
 
@@ -138,7 +135,7 @@ class AsyncClient:
 
     async def health(self, *, timeout: float | None = None) -> bool:
         """True once the server is ready to serve (warmed up); False when unreachable or not ready."""
-        request = _health.HealthCheckRequest(service=_health.READY_SERVICE)
+        request = health.HealthCheckRequest(service=health.READY_SERVICE)
         default = HEALTH_TIMEOUT_S if self._timeout is None else self._timeout
         try:
             response = await self._health_check(
@@ -147,7 +144,7 @@ class AsyncClient:
         except grpc.RpcError:
             # Unreachable, still warming up, or no health service: all mean "not ready".
             return False
-        return bool(response.status == _health.SERVING)
+        return bool(response.status == health.SERVING)
 
     async def close(self) -> None:
         """Close the channel; calls still running end with RequestCancelledError."""

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 DEFAULT_DEMO_DIR = ".cache/demo"
-HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -66,26 +65,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     """Exit 0 when the server reports SERVING for the service (readiness by default), else 1.
 
-    For container HEALTHCHECKs and probes: needs grpcio and the client package, never torch.
+    For container HEALTHCHECKs and probes: needs grpcio and protobuf (loraplex_proto), never torch.
     """
     import grpc
 
-    from loraplex_client import _health
+    from loraplex_proto import health
 
-    what = f"{args.address} service {args.service!r}"
+    service = health.READY_SERVICE if args.service is None else args.service
+    what = f"{args.address} service {service!r}"
     with grpc.insecure_channel(args.address) as channel:
-        check = channel.unary_unary(
-            _health.CHECK_METHOD,
-            request_serializer=_health.HealthCheckRequest.SerializeToString,
-            response_deserializer=_health.HealthCheckResponse.FromString,
-        )
         try:
-            response = check(_health.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            response = health.check_stub(channel)(health.HealthCheckRequest(service=service), timeout=args.timeout)
         except grpc.RpcError as e:
             print(f"loraplex healthcheck: {what}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-    if response.status != _health.SERVING:
-        print(f"loraplex healthcheck: {what}: {HEALTH_STATUS.get(response.status, response.status)}", file=sys.stderr)
+    if response.status != health.SERVING:
+        print(f"loraplex healthcheck: {what}: {health.STATUS_NAMES.get(response.status, response.status)}", file=sys.stderr)
         return 1
     print(f"{what}: SERVING")
     return 0
@@ -121,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     port = os.environ.get("LORAPLEX_PORT", "50051")
     p.add_argument("--address", default=f"127.0.0.1:{port}", help="host:port (default: 127.0.0.1:$LORAPLEX_PORT or 50051)")
-    p.add_argument(
-        "--service", default="loraplex.v1.LoraPlex", help="readiness (default), or '' for liveness"
-    )
+    p.add_argument("--service", default=None, help="readiness: loraplex.v1.LoraPlex (default), or '' for liveness")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     p.set_defaults(func=cmd_healthcheck)
 

@@ -29,8 +29,8 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+from loraplex_proto.v1 import loraplex_pb2 as pb
+from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
 
 READY_SERVICE = "loraplex.v1.LoraPlex"
 

@@ -1,4 +1,4 @@
-"""The checked-in stubs under client/loraplex_client/_proto match protos/ (run `make protos`)."""
+"""The checked-in stubs under client/loraplex_proto/v1 match protos/ (run `make protos`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKED_IN = ROOT / "client" / "loraplex_client" / "_proto"
+CHECKED_IN = ROOT / "client" / "loraplex_proto" / "v1"
 
 
 def load_gen_protos() -> ModuleType:
@@ -29,7 +29,7 @@ def source_files(root: Path) -> dict[str, bytes]:
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
     generated = load_gen_protos().generate(tmp_path)
-    fresh = source_files(tmp_path / "loraplex_client" / "_proto")
+    fresh = source_files(tmp_path / "loraplex_proto" / "v1")
     checked_in = source_files(CHECKED_IN)
 
     assert len(generated) == len(fresh) >= 3  # *_pb2.py, *_pb2.pyi, *_pb2_grpc.py at least

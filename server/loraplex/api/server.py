@@ -31,12 +31,12 @@ from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import SamplingParams
 from loraplex.metrics import Metrics
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+from loraplex_proto.health import READY_SERVICE
+from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraPlex"].full_name  # "loraplex.v1.LoraPlex"
+SERVICE_NAME = READY_SERVICE  # "loraplex.v1.LoraPlex": readiness; "" is liveness
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WATCHDOG_PERIOD_S = 0.5

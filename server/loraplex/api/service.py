@@ -25,8 +25,8 @@ from loraplex.engine.request import RequestOutput
 from loraplex.logs import current_request_id
 from loraplex.lora.adapter_spec import ADAPTER_FILES, hash_adapter_files
 from loraplex.lora.adapter_version import AdapterInfo, check_adapter_id
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+from loraplex_proto.v1 import loraplex_pb2 as pb
+from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from loraplex.api.errors import invalid
 from loraplex.config import ADAPTER_ID_RE
 from loraplex.engine.request import SamplingParams
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_proto.v1 import loraplex_pb2 as pb
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 16

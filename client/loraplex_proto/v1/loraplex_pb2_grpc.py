@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2
+from loraplex_proto.v1 import loraplex_pb2 as loraplex__proto_dot_v1_dot_loraplex__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in loraplex_client/_proto/loraplex/v1/loraplex_pb2_grpc.py depends on'
+        + ' but the generated code in loraplex_proto/v1/loraplex_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -45,43 +45,43 @@ class LoraPlexStub:
         """
         self.Generate = channel.unary_unary(
                 '/loraplex.v1.LoraPlex/Generate',
-                request_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateResponse.FromString,
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/loraplex.v1.LoraPlex/GenerateStream',
-                request_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateStreamResponse.FromString,
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.LoadAdapter = channel.unary_unary(
                 '/loraplex.v1.LoraPlex/LoadAdapter',
-                request_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.LoadAdapterRequest.SerializeToString,
-                response_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
                 _registered_method=True)
         self.UploadAdapter = channel.stream_unary(
                 '/loraplex.v1.LoraPlex/UploadAdapter',
-                request_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.SerializeToString,
-                response_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
                 _registered_method=True)
         self.UnloadAdapter = channel.unary_unary(
                 '/loraplex.v1.LoraPlex/UnloadAdapter',
-                request_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UnloadAdapterRequest.SerializeToString,
-                response_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UnloadAdapterResponse.FromString,
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/loraplex.v1.LoraPlex/ListAdapters',
-                request_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ListAdaptersRequest.SerializeToString,
-                response_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ListAdaptersResponse.FromString,
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
         self.GetAdapter = channel.unary_unary(
                 '/loraplex.v1.LoraPlex/GetAdapter',
-                request_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GetAdapterRequest.SerializeToString,
-                response_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/loraplex.v1.LoraPlex/GetModelInfo',
-                request_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ModelInfo.FromString,
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -157,43 +157,43 @@ def add_LoraPlexServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.FromString,
-                    response_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.FromString,
-                    response_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'LoadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadAdapter,
-                    request_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.LoadAdapterRequest.FromString,
-                    response_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.SerializeToString,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.SerializeToString,
             ),
             'UploadAdapter': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadAdapter,
-                    request_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.FromString,
-                    response_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.SerializeToString,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.SerializeToString,
             ),
             'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.UnloadAdapter,
-                    request_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UnloadAdapterRequest.FromString,
-                    response_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UnloadAdapterResponse.SerializeToString,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.UnloadAdapterResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
-                    request_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ListAdaptersRequest.FromString,
-                    response_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ListAdaptersResponse.SerializeToString,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.ListAdaptersResponse.SerializeToString,
             ),
             'GetAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAdapter,
-                    request_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GetAdapterRequest.FromString,
-                    response_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.SerializeToString,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GetAdapterRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,8 +230,8 @@ class LoraPlex:
             request,
             target,
             '/loraplex.v1.LoraPlex/Generate',
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateResponse.FromString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class LoraPlex:
             request,
             target,
             '/loraplex.v1.LoraPlex/GenerateStream',
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GenerateStreamResponse.FromString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -284,8 +284,8 @@ class LoraPlex:
             request,
             target,
             '/loraplex.v1.LoraPlex/LoadAdapter',
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.LoadAdapterRequest.SerializeToString,
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.LoadAdapterRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -311,8 +311,8 @@ class LoraPlex:
             request_iterator,
             target,
             '/loraplex.v1.LoraPlex/UploadAdapter',
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.SerializeToString,
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,8 +338,8 @@ class LoraPlex:
             request,
             target,
             '/loraplex.v1.LoraPlex/UnloadAdapter',
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UnloadAdapterRequest.SerializeToString,
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.UnloadAdapterResponse.FromString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.UnloadAdapterRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -365,8 +365,8 @@ class LoraPlex:
             request,
             target,
             '/loraplex.v1.LoraPlex/ListAdapters',
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ListAdaptersRequest.SerializeToString,
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ListAdaptersResponse.FromString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.ListAdaptersRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -392,8 +392,8 @@ class LoraPlex:
             request,
             target,
             '/loraplex.v1.LoraPlex/GetAdapter',
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GetAdapterRequest.SerializeToString,
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.GetAdapterRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -419,8 +419,8 @@ class LoraPlex:
             request,
             target,
             '/loraplex.v1.LoraPlex/GetModelInfo',
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.SerializeToString,
-            loraplex__client_dot___proto_dot_loraplex_dot_v1_dot_loraplex__pb2.ModelInfo.FromString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
