@@ -16,9 +16,12 @@ import textwrap
 import pytest
 
 TORCH_FREE = [
+    "loraplex.rules",
     "loraplex.engine.scheduler",
     "loraplex.engine.block_manager",
     "loraplex.engine.request",
+    "loraplex.engine.live_requests",
+    "loraplex.engine.stats",
     "loraplex.lora.slots",
     "loraplex.lora.adapter_spec",
     "loraplex.lora.adapter_version",

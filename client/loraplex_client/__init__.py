@@ -26,6 +26,7 @@ from loraplex_client.stream import AsyncGenerateStream, GenerateStream
 from loraplex_client.types import (
     AdapterInfo,
     AdapterStats,
+    FinishReason,
     GenerateChunk,
     GenerateResult,
     ModelInfo,
@@ -43,6 +44,7 @@ __all__ = [
     "AuthenticationError",
     "Client",
     "DeadlineExceededError",
+    "FinishReason",
     "GenerateChunk",
     "GenerateOptions",
     "GenerateResult",

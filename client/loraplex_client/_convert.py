@@ -15,6 +15,7 @@ from loraplex_client.errors import InvalidRequestError
 from loraplex_client.types import (
     AdapterInfo,
     AdapterStats,
+    FinishReason,
     GenerateChunk,
     GenerateResult,
     ModelInfo,
@@ -25,10 +26,9 @@ from loraplex_proto.v1 import loraplex_pb2 as pb
 
 _REPEATED = frozenset({"prompt_token_ids", "stop", "stop_token_ids"})
 
+# FINISH_REASON_X on the wire is FinishReason.X (a reason the proto lacks fails here, at import).
 _FINISH_REASONS = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_ABORTED: "aborted",
+    pb.FinishReason.Value(f"FINISH_REASON_{r.name}"): r for r in FinishReason if r is not FinishReason.UNKNOWN
 }
 
 _TIERS = {
@@ -100,7 +100,7 @@ def generate_result(message: pb.GenerateResponse) -> GenerateResult:
         request_id=message.request_id,
         text=message.text,
         token_ids=list(message.token_ids),
-        finish_reason=_FINISH_REASONS.get(message.finish_reason, "unknown"),
+        finish_reason=_FINISH_REASONS.get(message.finish_reason, FinishReason.UNKNOWN),
         usage=usage(message.usage),
         adapter_id=message.adapter_id or None,
         adapter_version=message.adapter_version,
@@ -113,7 +113,7 @@ def generate_chunk(message: pb.GenerateStreamResponse) -> GenerateChunk:
         request_id=message.request_id,
         text=message.text,
         token_ids=list(message.token_ids),
-        finish_reason=None if unfinished else _FINISH_REASONS.get(message.finish_reason, "unknown"),
+        finish_reason=None if unfinished else _FINISH_REASONS.get(message.finish_reason, FinishReason.UNKNOWN),
         usage=usage(message.usage) if message.HasField("usage") else None,
     )
 

@@ -130,14 +130,17 @@ class Client:
         return _convert.unload_result(self._call(self._stub.UnloadAdapter, request, timeout))
 
     def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        """Every registered adapter id (its current version), sorted by id."""
         response = self._call(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
         return [_convert.adapter_info(a) for a in response.adapters]
 
     def get_adapter(self, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
+        """One adapter's current version: tier, rank, targets, bytes, use counters."""
         request = pb.GetAdapterRequest(adapter_id=adapter_id)
         return _convert.adapter_info(self._call(self._stub.GetAdapter, request, timeout))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The base model and the server's limits (max_model_len, slots, KV blocks, ...)."""
         response = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
         return _convert.model_info(response)
 

@@ -1,12 +1,21 @@
 """What the SDK returns: plain frozen dataclasses, so callers never touch protobuf types.
 
-Enums arrive as strings: finish_reason is "stop" | "length" | "aborted", an adapter's tier
-is "registered" | "host" | "device" (values a newer server adds read as "unknown").
+finish_reason is a FinishReason, a str enum: `result.finish_reason == "length"` holds, and
+the values are the server's own spelling (FINISH_REASON_<NAME> on the wire). An adapter's
+tier is "registered" | "host" | "device". Values a newer server adds read as "unknown".
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_new_tokens, or the longest sequence the server holds
+    ABORTED = "aborted"  # cancelled, deadline, or adapter unloaded with force
+    UNKNOWN = "unknown"  # a reason this SDK does not know (a newer server)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +34,7 @@ class GenerateResult:
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "aborted"
+    finish_reason: FinishReason
     usage: Usage
     adapter_id: str | None  # None: the base model
     adapter_version: int
@@ -41,7 +50,7 @@ class GenerateChunk:
     request_id: str
     text: str  # a delta; never a broken character
     token_ids: list[int]  # the new ids only
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     usage: Usage | None = None
 
 

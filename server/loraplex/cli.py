@@ -10,7 +10,12 @@ import logging
 import os
 import sys
 import time
+import typing
 from pathlib import Path
+
+from loraplex import settings
+from loraplex.config import Quantization
+from loraplex.logs import LOG_LEVELS
 
 DEFAULT_DEMO_DIR = ".cache/demo"
 
@@ -23,8 +28,6 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
-
-    from loraplex import settings
 
     try:
         values, sources = settings.resolve_with_sources(args)
@@ -105,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the gRPC server", description="Every option also reads LORAPLEX_<NAME> and --config.")
-    from loraplex import settings
-
     settings.add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -122,13 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-demo", help="build the demo model and adapters (CPU, under a minute)")
     p.add_argument("out_dir", nargs="?", default=DEFAULT_DEMO_DIR)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.set_defaults(func=cmd_make_demo)
 
     p = sub.add_parser("demo", help="the main job: mixed-adapter streams on the demo model")
     p.add_argument("--workdir", default=DEFAULT_DEMO_DIR)
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--quantization", default="nf4", choices=typing.get_args(Quantization))
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     p.set_defaults(func=cmd_demo)
     return parser
 

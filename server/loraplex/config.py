@@ -1,26 +1,44 @@
 """Configuration: one root `ServerConfig` holding frozen sub-configs, each validated once.
 
-Every check raises `ValueError` naming the field, so a bad flag, environment variable or
-config-file entry is reported the same way wherever it came from.
+Each option's rule is written here once: its default (the field's), its choices (the
+field's `Literal`) and its range (`__post_init__`). settings.py derives the command line,
+environment and file options from these fields. Every check raises `InvalidFieldError`
+carrying the field's name, so a bad flag, environment variable or config-file entry is
+reported naming its option, wherever it came from.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args
+
+from loraplex.rules import InvalidFieldError
 
 Quantization = Literal["nf4", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 CpuNf4Kernel = Literal["fused", "exact"]
 
-ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
-
 
 def _positive(name: str, value: int | float) -> None:
     if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+        raise InvalidFieldError(name, f"{name} must be > 0, got {value}")
+
+
+def _at_least_zero(name: str, value: int | float) -> None:
+    if value < 0:
+        raise InvalidFieldError(name, f"{name} must be >= 0, got {value}")
+
+
+def _one_of(name: str, value: Any, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise InvalidFieldError(name, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _port(name: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise InvalidFieldError(name, f"{name} must be in 0..65535, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,17 +56,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ValueError("model must name a model directory")
-        if self.quantization not in ("nf4", "none"):
-            raise ValueError(f"quantization must be 'nf4' or 'none', got {self.quantization!r}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
+            raise InvalidFieldError("model", "model must name a model directory")
+        _one_of("quantization", self.quantization, Quantization)
+        _one_of("dtype", self.dtype, DType)
+        _one_of("device", self.device, Device)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
-        if self.cpu_nf4_kernel not in ("fused", "exact"):
-            raise ValueError(f"cpu_nf4_kernel must be fused|exact, got {self.cpu_nf4_kernel!r}")
+        _one_of("cpu_nf4_kernel", self.cpu_nf4_kernel, CpuNf4Kernel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +78,7 @@ class CacheConfig:
         if self.num_blocks is not None:
             _positive("num_blocks", self.num_blocks)
         if not 0.0 < self.memory_fraction <= 1.0:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+            raise InvalidFieldError("memory_fraction", f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +94,7 @@ class SchedulerConfig:
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_waiting", self.max_waiting)
-        if self.adapter_aging_s < 0:
-            raise ValueError(f"adapter_aging_s must be >= 0, got {self.adapter_aging_s}")
+        _at_least_zero("adapter_aging_s", self.adapter_aging_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +128,10 @@ class ApiConfig:
     auth_tokens: tuple[str, ...] = ()  # reserved for the tenant step; masked when printed
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
-        if self.metrics_top_adapters < 0:
-            raise ValueError(f"metrics_top_adapters must be >= 0, got {self.metrics_top_adapters}")
-        if self.drain_timeout_s < 0:
-            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        _port("port", self.port)
+        _port("metrics_port", self.metrics_port)
+        _at_least_zero("metrics_top_adapters", self.metrics_top_adapters)
+        _at_least_zero("drain_timeout_s", self.drain_timeout_s)
         _positive("heartbeat_timeout_s", self.heartbeat_timeout_s)
 
 

@@ -12,6 +12,9 @@ import json
 import logging
 import time
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("loraplex_request_id", default=None)
 
 

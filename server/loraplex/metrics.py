@@ -1,11 +1,11 @@
 """Prometheus metrics, one place: names, where each value comes from, the /metrics endpoint.
 
     engine thread ── Engine.on_finish(request) ──> requests, tokens, latency histograms
-                  ── EngineLoop.on_step(outputs) ─> inter-token latency, step histograms
+                  ── EngineLoop.on_step(outputs) ─> inter-token latency, step histograms (Engine.last_step)
     loader thread ── StoreListener.on_load ───────> adapter load latency per tier
-    scrape (HTTP) ── StateCollector ──────────────> gauges read from the live state, and the
-                                                    store's own counters (they include what
-                                                    happened before the server started)
+    scrape (HTTP) ── StateCollector ──────────────> gauges from Engine.stats(), and the adapter
+                                                    store's own counters in it (they include
+                                                    what happened before the server started)
 
 Every name starts with `loraplex_`; counters end in `_total`, durations are `_seconds`.
 Labels stay bounded: finish_reason (4 values), tier (3), and — only with
@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loraplex import __version__
-from loraplex.engine.request import RequestStatus
+from loraplex.engine.request import FinishReason
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = tuple(s.value for s in RequestStatus if s.finished)  # stop, length, abort, error
+FINISH_REASONS = tuple(r.value for r in FinishReason)  # stop, length, aborted, error
 STORE_EVENTS = ("hits", "misses", "loads", "evictions")
 LOAD_TIERS = ("host", "device")  # host: read + validate from disk; device: copy into a slot
 BASE_LABEL = "(base)"  # parentheses never occur in an adapter id, so these cannot clash
@@ -136,14 +136,13 @@ class Metrics:
         """Install the hooks; call before the engine loop starts so nothing is missed."""
         self.engine.on_finish = self._guard(self.on_finish)
         engine_loop.on_step = self._guard(self.on_step)
-        self.engine.store.listener = self
+        self.engine.set_adapter_listener(self)
         self._attached = engine_loop
 
     def detach(self) -> None:
-        self.engine.on_finish = None
-        if self.engine.store.listener is self:
-            self.engine.store.listener = None
         if self._attached is not None:
+            self.engine.on_finish = None
+            self.engine.set_adapter_listener(None)
             self._attached.on_step = None
             self._attached = None
 
@@ -184,7 +183,9 @@ class Metrics:
     def on_finish(self, request: Request) -> None:
         now = time.monotonic()
         usage = request.usage()
-        self.requests.labels(request.status.value).inc()
+        reason = request.status.finish_reason
+        assert reason is not None
+        self.requests.labels(reason.value).inc()
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.e2e.observe(now - request.arrival_time)
         self.queue.observe(usage.queue_time_s)
@@ -217,9 +218,6 @@ class Metrics:
             self.preemptions.inc(step.num_preempted)
 
     # -- StoreListener (loader and engine threads) ----------------------------------------
-
-    def on_event(self, tier: Tier, event: str) -> None:
-        pass  # the StateCollector reads the store's own counters at scrape time
 
     def on_load(self, tier: Tier, seconds: float) -> None:
         try:
@@ -270,18 +268,15 @@ class StateCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.engine
-        running = len(engine.scheduler.running)
-        yield _gauge("loraplex_requests_running", "Requests in the running batch", running)
+        stats = self.engine.stats()
+        yield _gauge("loraplex_requests_running", "Requests in the running batch", stats.running)
         yield _gauge(
-            "loraplex_requests_waiting", "Requests queued for KV blocks, a batch seat or their adapter",
-            max(0, engine.num_unfinished - running),
+            "loraplex_requests_waiting", "Requests queued for KV blocks, a batch seat or their adapter", stats.waiting
         )
-        yield _gauge("loraplex_kv_blocks_used", "KV-cache blocks held by sequences", engine.blocks.num_used_blocks)
-        yield _gauge("loraplex_kv_blocks_free", "KV-cache blocks free", engine.blocks.num_free_blocks)
+        yield _gauge("loraplex_kv_blocks_used", "KV-cache blocks held by sequences", stats.kv_blocks_used)
+        yield _gauge("loraplex_kv_blocks_free", "KV-cache blocks free", stats.kv_blocks_free)
 
-        snap = engine.store.snapshot()
-        slot_bytes = engine.lora.pool_bytes // max(1, snap.device_slots)
+        snap, slot_bytes = stats.adapters, stats.adapter_slot_bytes
         resident = GaugeMetricFamily(
             "loraplex_adapter_store_resident_adapters", "Adapters held in each tier", labels=["tier"]
         )

@@ -8,8 +8,10 @@ table (`[lora]`). Lists come as repeated flags, TOML arrays, or comma-separated 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tomllib
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from loraplex.config import (
     SchedulerConfig,
     ServerConfig,
 )
+from loraplex.logs import LOG_FORMATS, LOG_LEVELS
+from loraplex.rules import InvalidFieldError
 
 ENV_PREFIX = "LORAPLEX_"
 
@@ -37,39 +41,81 @@ class Option:
     choices: tuple[str, ...] | None = None
     many: bool = False  # a list
     secret: bool = False
+    field: tuple[Any, str] | None = None  # (config dataclass, field name) it sets
 
 
+def _field_option(name: str, config: type, field: str, help: str, *, secret: bool = False) -> Option:
+    """An option whose type, default and choices are its config field's (config.py holds each rule once)."""
+    spec = {f.name: f for f in dataclasses.fields(config)}[field]
+    if spec.default is not dataclasses.MISSING:
+        default = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        default = spec.default_factory()
+    else:
+        default = None  # required
+    hint = typing.get_type_hints(config)[field]
+    if type(None) in typing.get_args(hint):  # X | None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    choices, many = None, False
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        hint = type(choices[0])
+    elif typing.get_origin(hint) is tuple:  # tuple[str, ...]
+        hint, many = typing.get_args(hint)[0], True
+    return Option(name, hint, default, help, choices, many, secret, (config, field))
+
+
+M, C, S, L, A, E = ModelConfig, CacheConfig, SchedulerConfig, LoraConfig, ApiConfig, EngineConfig
 OPTIONS: tuple[Option, ...] = (
-    Option("model", str, None, "local Hugging Face model directory, or 'demo' to build / reuse the demo model"),
-    Option("quantization", str, "nf4", "base weights: NF4 (bitsandbytes) or as stored", ("nf4", "none")),
-    Option("dtype", str, "auto", "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)", ("auto", "bfloat16", "float16", "float32")),
-    Option("device", str, "auto", "where the model runs", ("auto", "cpu", "cuda")),
-    Option("cpu_nf4_kernel", str, "fused", "CPU NF4 matmuls: bitsandbytes' fused bf16 kernel, or exact in the compute dtype", ("fused", "exact")),
-    Option("max_model_len", int, None, "longest prompt + output (default: the model's, capped at 4096)"),
-    Option("block_size", int, 16, "tokens per KV-cache block"),
-    Option("num_kv_blocks", int, None, "KV-cache blocks (default: fit max_num_seqs full sequences in memory)"),
-    Option("kv_memory_fraction", float, 0.85, "CUDA: share of free memory for the KV cache"),
-    Option("max_num_seqs", int, 64, "running sequences per step"),
-    Option("max_num_batched_tokens", int, 2048, "tokens per step (prompts are chunked to fit)"),
-    Option("max_waiting", int, 1024, "queued requests before RESOURCE_EXHAUSTED"),
-    Option("adapter_aging_s", float, 2.0, "a request waiting this long for a device slot is served first"),
-    Option("max_loras", int, 8, "device adapter slots"),
-    Option("max_lora_rank", int, 16, "largest adapter rank"),
-    Option("max_host_adapter_bytes", int, 2 << 30, "host-tier budget for validated adapter tensors"),
-    Option("adapter_root", str, (), "directory adapters are loaded from (repeatable)", many=True),
-    Option("auto_register", bool, True, "let a request name an adapter directory under the root without loading it first"),
-    Option("max_upload_bytes", int, 1 << 30, "largest UploadAdapter payload"),
+    _field_option("model", M, "model", "local Hugging Face model directory, or 'demo' to build / reuse the demo model"),
+    _field_option("quantization", M, "quantization", "base weights: NF4 (bitsandbytes) or as stored"),
+    _field_option("dtype", M, "dtype", "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)"),
+    _field_option("device", M, "device", "where the model runs"),
+    _field_option(
+        "cpu_nf4_kernel", M, "cpu_nf4_kernel",
+        "CPU NF4 matmuls: bitsandbytes' fused bf16 kernel, or exact in the compute dtype",
+    ),
+    _field_option("max_model_len", M, "max_model_len", "longest prompt + output (default: the model's, capped at 4096)"),
+    _field_option("block_size", C, "block_size", "tokens per KV-cache block"),
+    _field_option(
+        "num_kv_blocks", C, "num_blocks", "KV-cache blocks (default: fit max_num_seqs full sequences in memory)"
+    ),
+    _field_option("kv_memory_fraction", C, "memory_fraction", "CUDA: share of free memory for the KV cache"),
+    _field_option("max_num_seqs", S, "max_num_seqs", "running sequences per step"),
+    _field_option("max_num_batched_tokens", S, "max_num_batched_tokens", "tokens per step (prompts are chunked to fit)"),
+    _field_option("max_waiting", S, "max_waiting", "queued requests before RESOURCE_EXHAUSTED"),
+    _field_option(
+        "adapter_aging_s", S, "adapter_aging_s", "a request waiting this long for a device slot is served first"
+    ),
+    _field_option("max_loras", L, "max_loras", "device adapter slots"),
+    _field_option("max_lora_rank", L, "max_lora_rank", "largest adapter rank"),
+    _field_option(
+        "max_host_adapter_bytes", L, "max_host_adapter_bytes", "host-tier budget for validated adapter tensors"
+    ),
+    _field_option("adapter_root", L, "adapter_roots", "directory adapters are loaded from (repeatable)"),
+    _field_option(
+        "auto_register", L, "auto_register",
+        "let a request name an adapter directory under the root without loading it first",
+    ),
+    _field_option("max_upload_bytes", L, "max_upload_bytes", "largest UploadAdapter payload"),
     Option("preload", str, (), "ID=RELPATH adapter to load at start-up (repeatable)", many=True),
-    Option("host", str, "127.0.0.1", "gRPC listen address"),
-    Option("port", int, 50051, "gRPC port"),
-    Option("metrics_port", int, 9400, "Prometheus /metrics port, on the same host as gRPC (0: off)"),
-    Option("metrics_top_adapters", int, 0, "per-adapter request counter for the N busiest adapter ids, the rest as '(other)' (0: off)"),
-    Option("drain_timeout", float, 30.0, "seconds in-flight streams get to finish on SIGTERM"),
-    Option("heartbeat_timeout", float, 30.0, "readiness turns NOT_SERVING when an engine step runs longer"),
-    Option("auth_token", str, (), "bearer token accepted from callers (repeatable; none: no auth)", many=True, secret=True),
-    Option("seed", int, 0, "seed for requests without one"),
-    Option("log_format", str, "text", "log line format", ("text", "json")),
-    Option("log_level", str, "info", "log level", ("debug", "info", "warning", "error")),
+    _field_option("host", A, "host", "gRPC listen address"),
+    _field_option("port", A, "port", "gRPC port"),
+    _field_option("metrics_port", A, "metrics_port", "Prometheus /metrics port, on the same host as gRPC (0: off)"),
+    _field_option(
+        "metrics_top_adapters", A, "metrics_top_adapters",
+        "per-adapter request counter for the N busiest adapter ids, the rest as '(other)' (0: off)",
+    ),
+    _field_option("drain_timeout", A, "drain_timeout_s", "seconds in-flight streams get to finish on SIGTERM"),
+    _field_option(
+        "heartbeat_timeout", A, "heartbeat_timeout_s", "readiness turns NOT_SERVING when an engine step runs longer"
+    ),
+    _field_option(
+        "auth_token", A, "auth_tokens", "bearer token accepted from callers (repeatable; none: no auth)", secret=True
+    ),
+    _field_option("seed", E, "seed", "seed for requests without one"),
+    Option("log_format", str, "text", "log line format", LOG_FORMATS),
+    Option("log_level", str, "info", "log level", LOG_LEVELS),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -198,61 +244,37 @@ def parse_preload(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-# Config fields whose name differs from the option that sets them.
-FIELD_OPTIONS = {
-    "num_blocks": "num_kv_blocks",
-    "memory_fraction": "kv_memory_fraction",
-    "drain_timeout_s": "drain_timeout",
-    "heartbeat_timeout_s": "heartbeat_timeout",
-}
+# The option that sets each config field (field names are unique across the config classes).
+FIELD_OPTIONS = {o.field[1]: o.name for o in OPTIONS if o.field is not None}
 
 
 def build_config(values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> ServerConfig:
-    """The validated ServerConfig; a ValueError names the option (and its source, if given)."""
+    """The validated ServerConfig; an InvalidFieldError names the option (and its source, if given)."""
     if not values.get("model"):
-        raise ValueError("model: required (a model directory, or 'demo')")
+        raise InvalidFieldError("model", "model: required (a model directory, or 'demo')")
     try:
         return _build_config(values)
-    except ValueError as e:
-        message = str(e)
-        field = message.split(" ", 1)[0]
-        option = FIELD_OPTIONS.get(field, field)
+    except InvalidFieldError as e:
+        option = FIELD_OPTIONS.get(e.field, e.field)
         if option not in BY_NAME:
             raise
         source = f" (from {sources[option]})" if sources and option in sources else ""
-        raise ValueError(f"{option}{source}: {message}") from None
+        raise InvalidFieldError(option, f"{option}{source}: {e}") from None
 
 
 def _build_config(values: Mapping[str, Any]) -> ServerConfig:
+    def fields_of(config: type) -> dict[str, Any]:
+        return {o.field[1]: values[o.name] for o in OPTIONS if o.field is not None and o.field[0] is config}
+
     return ServerConfig(
         engine=EngineConfig(
-            model=ModelConfig(
-                values["model"], values["quantization"], values["dtype"], values["device"], values["max_model_len"],
-                values["cpu_nf4_kernel"],
-            ),
-            cache=CacheConfig(values["block_size"], values["num_kv_blocks"], values["kv_memory_fraction"]),
-            scheduler=SchedulerConfig(
-                values["max_num_seqs"], values["max_num_batched_tokens"], values["max_waiting"], values["adapter_aging_s"]
-            ),
-            lora=LoraConfig(
-                max_loras=values["max_loras"],
-                max_lora_rank=values["max_lora_rank"],
-                max_host_adapter_bytes=values["max_host_adapter_bytes"],
-                adapter_roots=tuple(values["adapter_root"]),
-                auto_register=values["auto_register"],
-                max_upload_bytes=values["max_upload_bytes"],
-            ),
-            seed=values["seed"],
+            model=ModelConfig(**fields_of(ModelConfig)),
+            cache=CacheConfig(**fields_of(CacheConfig)),
+            scheduler=SchedulerConfig(**fields_of(SchedulerConfig)),
+            lora=LoraConfig(**fields_of(LoraConfig)),
+            **fields_of(EngineConfig),
         ),
-        api=ApiConfig(
-            host=values["host"],
-            port=values["port"],
-            metrics_port=values["metrics_port"],
-            metrics_top_adapters=values["metrics_top_adapters"],
-            drain_timeout_s=values["drain_timeout"],
-            heartbeat_timeout_s=values["heartbeat_timeout"],
-            auth_tokens=tuple(values["auth_token"]),
-        ),
+        api=ApiConfig(**fields_of(ApiConfig)),
     )
 
 

@@ -324,3 +324,31 @@ def test_upload_over_the_size_cap_is_refused_and_leaves_nothing(tiny_llama: Tiny
         assert not any((root / ".uploads").iterdir())  # the partial upload was removed
     finally:
         server.stop()
+
+
+def test_auto_register_reads_adapter_files_off_the_event_loop(
+    client: Client, server: BackgroundServer, tiny_llama: TinyModel, adapter_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Generate naming an unregistered directory registers it (reading and hashing its files)
+    on a worker thread; LoadAdapter likewise. The event loop only ever waits for it."""
+    engine = _engine(server)
+    event_loop_thread = server._thread
+    store = engine.store
+    register = store.register
+    threads: list[threading.Thread] = []
+
+    def recording_register(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(store, "register", recording_register)
+    shutil.copytree(tiny_llama.adapters["qv-r4"], adapter_root / "auto" / "fresh")
+    shutil.copytree(tiny_llama.adapters["qv-r4"], adapter_root / "auto" / "loaded")
+    via_auto = client.generate(prompt_token_ids=[5, 6, 7], adapter_id="auto/fresh", max_new_tokens=3, ignore_eos=True)
+    assert via_auto.adapter_id == "auto/fresh" and via_auto.adapter_version >= 1
+    assert len(threads) == 1  # registered once, by the Generate
+    client.load_adapter("auto/loaded", "auto/loaded")
+    again = client.generate(prompt_token_ids=[5, 6, 7], adapter_id="auto/fresh", max_new_tokens=3, ignore_eos=True)
+    assert again.token_ids == via_auto.token_ids
+    assert len(threads) == 2  # the LoadAdapter; the second Generate found it registered
+    assert event_loop_thread not in threads

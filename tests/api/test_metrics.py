@@ -131,7 +131,7 @@ def test_every_family_is_exposed_with_its_type_and_bounded_labels(server: Backgr
     for name, kind in EXPECTED_FAMILIES.items():
         assert types.get(name) == kind, name
     assert not [name for name in types if name.endswith("_created")]
-    for reason in ("stop", "length", "abort", "error"):
+    for reason in ("stop", "length", "aborted", "error"):
         assert ("loraplex_requests_total", (("finish_reason", reason),)) in samples
     for tier in ("host", "device"):
         for event in ("hits", "misses", "loads", "evictions"):
@@ -167,7 +167,7 @@ def test_gauges_mirror_live_traffic(client: Client, server: BackgroundServer) ->
     after, _ = scrape(_port(server))
     assert value(after, "loraplex_requests_running") == 0 and value(after, "loraplex_requests_waiting") == 0
     assert value(after, "loraplex_kv_blocks_used") == 0
-    assert delta(after, during, "loraplex_requests_total", finish_reason="abort") == 3
+    assert delta(after, during, "loraplex_requests_total", finish_reason="aborted") == 3
 
 
 def test_traffic_is_counted_once_and_histograms_observe_each_request(client: Client, server: BackgroundServer) -> None:
@@ -193,7 +193,7 @@ def test_traffic_is_counted_once_and_histograms_observe_each_request(client: Cli
 
     # Requests: each counted once, under its final status.
     assert delta(after, before, "loraplex_requests_total", finish_reason="length") == n
-    assert sum(delta(after, before, "loraplex_requests_total", finish_reason=r) for r in ("stop", "abort", "error")) == 0
+    assert sum(delta(after, before, "loraplex_requests_total", finish_reason=r) for r in ("stop", "aborted", "error")) == 0
     # Tokens: what the clients received, and the prompts they sent.
     assert delta(after, before, "loraplex_generated_tokens_total") == n * new_tokens
     assert delta(after, before, "loraplex_prompt_tokens_total") == sum(len(p) for p, _ in jobs)
@@ -222,7 +222,7 @@ def test_traffic_is_counted_once_and_histograms_observe_each_request(client: Cli
     labelled = {dict(labels)["adapter"] for (name, labels) in after if name == "loraplex_adapter_requests_total"}
     assert OTHER_LABEL in labelled and len(labelled - {OTHER_LABEL}) <= TOP_ADAPTERS
     assert total(after, "loraplex_adapter_requests_total") == sum(
-        value(after, "loraplex_requests_total", finish_reason=r) for r in ("stop", "length", "abort", "error")
+        value(after, "loraplex_requests_total", finish_reason=r) for r in ("stop", "length", "aborted", "error")
     )
 
 
@@ -286,7 +286,7 @@ def test_errors_and_aborts_are_final_statuses(client: Client, server: Background
     wait_idle(engine)
     after, _ = scrape(_port(server))
     assert delta(after, before, "loraplex_requests_total", finish_reason="error") == 1
-    assert delta(after, before, "loraplex_requests_total", finish_reason="abort") == 1
+    assert delta(after, before, "loraplex_requests_total", finish_reason="aborted") == 1
     assert delta(after, before, "loraplex_requests_total", finish_reason="length") == 0
     assert delta(after, before, "loraplex_e2e_request_latency_seconds_count") == 2
     assert delta(after, before, "loraplex_time_to_first_token_seconds_count") == 1  # the failed one had no token

@@ -95,7 +95,7 @@ def test_abort_frees_blocks_and_slot(llama_engine: Any) -> None:
     engine.abort(rid)
     outs = engine.step()
     aborted = [o for o in outs if o.request_id == rid]
-    assert aborted and aborted[0].finished and aborted[0].finish_reason == "abort"
+    assert aborted and aborted[0].finished and aborted[0].finish_reason == "aborted"
     assert version.slot_refs == 0 and version.holders == 0
     while engine.has_unfinished():
         outs += engine.step()
@@ -173,4 +173,28 @@ def test_sequences_never_outgrow_the_kv_cache(tiny_llama: TinyModel) -> None:
     result = engine.generate([list(range(3, 13))], SamplingParams(max_new_tokens=50, ignore_eos=True))[0]
     assert result.finish_reason == "length" and len(result.token_ids) == 6  # 10 + 6 = 16 tokens
     assert engine.blocks.num_free_blocks == 4
+    engine.close()
+
+
+def test_stats_is_a_snapshot_of_requests_blocks_and_adapters(tiny_llama: TinyModel) -> None:
+    engine = make_engine(tiny_llama, num_blocks=32, block_size=8, max_loras=2)
+    idle = engine.stats()
+    assert (idle.running, idle.waiting, idle.kv_blocks_used, idle.kv_blocks_free) == (0, 0, 0, 32)
+    assert idle.adapters.device_slots == 2 and idle.adapters.registered == len(tiny_llama.adapters)
+    assert idle.adapter_slot_bytes * 2 == engine.lora.pool_bytes and idle.last_step is None
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    engine.add_request(prompt_token_ids=list(range(3, 20)), params=params)  # 17 tokens: 3 blocks
+    engine.add_request(prompt_token_ids=list(range(3, 12)), params=params, adapter_id="qv-r4")  # 9 tokens: 2 blocks
+    queued = engine.stats()
+    assert (queued.running, queued.waiting, queued.kv_blocks_used) == (0, 2, 0)  # in the inbox: waiting
+    engine.store.wait_idle()
+    engine.step()
+    running = engine.stats()
+    assert (running.running, running.waiting, running.kv_blocks_used, running.kv_blocks_free) == (2, 0, 5, 27)
+    assert running.adapters.device_resident == 1 and running.last_step is not None
+    assert running.last_step.num_requests == 2 and running.last_step.num_tokens == 17 + 9
+    while engine.has_unfinished():
+        engine.step()
+    done = engine.stats()
+    assert (done.running, done.waiting, done.kv_blocks_used, done.kv_blocks_free) == (0, 0, 0, 32)
     engine.close()

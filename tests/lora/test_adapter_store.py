@@ -21,6 +21,7 @@ from conftest import TinyModel, make_engine
 from loraplex.engine.request import SamplingParams
 from loraplex.lora.adapter_spec import AdapterError
 from loraplex.lora.adapter_version import AdapterNotFoundError
+from loraplex.rules import InvalidFieldError
 
 NUM_ADAPTERS = 50
 NUM_REQUESTS = 200
@@ -206,7 +207,7 @@ def test_paths_must_stay_inside_the_root(tiny_llama: TinyModel, tmp_path: Path) 
     (root / "a-file").write_text("")
     with pytest.raises(AdapterError, match="not a directory"):
         store.register("x", "a-file", relative_only=True)
-    with pytest.raises(AdapterError, match="invalid"):
+    with pytest.raises(InvalidFieldError, match="invalid"):
         store.register("../x", "good", relative_only=True)
     with pytest.raises(AdapterError, match="outside the adapter roots"):
         store.resolve("link")  # auto-register follows the same rule
@@ -250,12 +251,13 @@ def test_pins_stay_resident_and_unregister_in_use(tiny_llama: TinyModel) -> None
     assert engine.store.counters[("device", "evictions")] > 0
     rid = engine.add_request(prompt_token_ids=[5, 6], params=SamplingParams(max_new_tokens=50, ignore_eos=True), adapter_id="qv-r4")
     engine.step()
-    version = engine.unregister_adapter("qv-r4", force=True)
+    version = engine.resolve_adapter("qv-r4")
+    assert engine.unregister_adapter("qv-r4", force=True) == 1  # the one live request holding it
     with pytest.raises(AdapterNotFoundError):
         engine.add_request("x", adapter_id="qv-r4")
     outs = engine.step()
     ended = [o for o in outs if o.request_id == rid]
-    assert ended and ended[0].finish_reason == "abort" and "unloaded" in (ended[0].error or "")
+    assert ended and ended[0].finish_reason == "aborted" and "unloaded" in (ended[0].error or "")
     assert version.holders == 0 and version.slot is None and version.weights is None
     engine.close()
 

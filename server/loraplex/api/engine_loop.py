@@ -1,22 +1,28 @@
 """The engine on its own thread, and the bridge between its outputs and asyncio streams.
 
-    gRPC handler (event loop)          engine thread
-    stream(args) ── add_request ──────> inbox
-        ^                               step() ... step()
+    gRPC handler (event loop)                   worker thread        engine thread
+    stream(args) ─ adapter not registered yet? ─> resolve_adapter
+                 ─ add_request ────────────────────────────────────> inbox
+        ^                                                            step() ... step()
         └── queue.put_nowait <── call_soon_threadsafe(dispatch, outputs)
 
-A handler that stops listening (client cancel, disconnect, deadline) aborts its request;
-the engine frees its KV blocks and adapter slot at the next step.
+No disk work on the event loop: a request that names an adapter directory not yet
+registered (auto-register) has it read and hashed on a worker thread first. add_request
+itself runs on the loop, synchronously, so the request is in the engine's inbox before any
+abort of it can be. A handler that stops listening (client cancel, disconnect, deadline)
+aborts its request; the engine frees its KV blocks and adapter slot at the next step.
+
+`_streams` is the delivery table (request id -> its handler's queue), not a registry of
+requests: the engine's live requests are that. An id stays taken here until its handler
+has read its last output, so a retry reusing the id never receives the old one's output.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -24,7 +30,8 @@ import grpc
 from loraplex.api.errors import ApiError
 from loraplex.api.validation import GenerateArgs
 from loraplex.engine.engine import Engine
-from loraplex.engine.request import RequestOutput
+from loraplex.engine.request import ErrorKind, RequestOutput
+from loraplex.rules import new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +40,12 @@ ADAPTER_WAIT_S = 0.005  # nothing ran: requests wait for adapters to load
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Engine, event_loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
-        self.loop = loop
+        self.event_loop = event_loop  # where outputs are handed to the handlers' streams
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._ids = itertools.count()
         self.heartbeat = time.monotonic()  # last time the loop came round
         self.busy_since: float | None = None  # start of the step in progress
         self.steps = 0
@@ -66,8 +72,8 @@ class EngineLoop:
                 if self.on_step is not None:
                     self.on_step(outputs)
                 if outputs:
-                    self.loop.call_soon_threadsafe(self._dispatch, outputs)
-                elif not engine.scheduler.running:
+                    self.event_loop.call_soon_threadsafe(self._dispatch, outputs)
+                elif engine.last_step is not None and not engine.last_step.num_requests:
                     engine.wait_for_work(ADAPTER_WAIT_S)
         except BaseException as e:  # the loop must never die silently
             log.exception("engine loop stopped")
@@ -94,22 +100,25 @@ class EngineLoop:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    def new_request_id(self) -> str:
-        return f"req-{next(self._ids)}-{uuid.uuid4().hex[:12]}"
-
     async def stream(self, args: GenerateArgs) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs until it finishes; abort it if left early."""
-        rid = args.request_id or self.new_request_id()
+        rid = args.request_id or new_request_id()
         if rid in self._streams:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight")
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = queue
-        finished = False
+        added = finished = False
         try:
+            adapter = None
+            if args.adapter_id is not None:
+                adapter = self.engine.lookup_adapter(args.adapter_id)
+                if adapter is None:  # auto-register reads and hashes the directory: a worker thread's job
+                    adapter = await asyncio.to_thread(self.engine.resolve_adapter, args.adapter_id)
             # Synchronous on purpose: the request is in the engine's inbox before any abort can be.
             self.engine.add_request(
-                args.prompt, args.params, args.adapter_id, rid, prompt_token_ids=args.prompt_token_ids
+                args.prompt, args.params, None, rid, prompt_token_ids=args.prompt_token_ids, adapter=adapter
             )
+            added = True
             while True:
                 out = await queue.get()
                 finished = out.finished
@@ -119,11 +128,11 @@ class EngineLoop:
                 if finished:
                     return
         finally:
-            self._streams.pop(rid, None)
-            if not finished:
+            del self._streams[rid]
+            if added and not finished:
                 log.debug("request %s left before finishing: aborting it", rid, extra={"request_id": rid})
-                self.engine.abort(rid, "cancelled by the client")
+                self.engine.abort(rid, ErrorKind.CANCELLED, "cancelled by the client")
 
-    def abort_all(self, reason: str) -> None:
+    def abort_all(self, kind: ErrorKind, message: str) -> None:
         for rid in list(self._streams):
-            self.engine.abort(rid, reason)
+            self.engine.abort(rid, kind, message)

@@ -1,12 +1,19 @@
-"""One mapping from what went wrong to a gRPC status; every message names the field or adapter."""
+"""One mapping from what went wrong to a gRPC status; every message names the field or adapter.
+
+Two kinds of failure reach a call: an exception while it is set up (status_of), and a
+request that the engine ended ABORTED or ERROR (ended_status, by its ErrorKind). Neither
+reads a message's text to decide.
+"""
 
 from __future__ import annotations
 
 import grpc
 
 from loraplex.engine.errors import DuplicateRequestError, EngineClosedError, EngineOverloadedError
+from loraplex.engine.request import ErrorKind, FinishReason, RequestOutput
 from loraplex.lora.adapter_spec import AdapterError
 from loraplex.lora.adapter_version import AdapterNotFoundError
+from loraplex.rules import InvalidFieldError
 
 
 class ApiError(Exception):
@@ -18,8 +25,8 @@ class ApiError(Exception):
         self.message = message
 
 
-def invalid(field: str, problem: str) -> ApiError:
-    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
+def invalid(field: str, problem: str) -> InvalidFieldError:
+    return InvalidFieldError(field, f"{field}: {problem}")
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -28,6 +35,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return error.code, error.message
     if isinstance(error, AdapterNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, InvalidFieldError):  # the only caller's mistake: a stray ValueError is a bug
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, AdapterError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     if isinstance(error, DuplicateRequestError):
@@ -36,6 +45,23 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {error}; retry later"
     if isinstance(error, EngineClosedError):
         return grpc.StatusCode.UNAVAILABLE, "the server is shutting down"
-    if isinstance(error, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+ENDED_STATUS = {
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,  # nobody listens any more; for completeness
+    ErrorKind.UNLOADED: grpc.StatusCode.ABORTED,
+    ErrorKind.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.ADAPTER: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def ended_status(out: RequestOutput) -> ApiError | None:
+    """The status a finished request ends its call with: None (OK) unless it was ABORTED or ERROR."""
+    if out.error_kind is None:
+        return None
+    message = out.error or out.error_kind.value
+    if out.finish_reason is FinishReason.ABORTED:
+        message = f"request {out.request_id}: {message}"
+    return ApiError(ENDED_STATUS[out.error_kind], message)

@@ -29,7 +29,7 @@ from loraplex.api.service import SHUTDOWN_REASON, LoraPlexService
 from loraplex.api.validation import GenerateArgs
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
-from loraplex.engine.request import SamplingParams
+from loraplex.engine.request import ErrorKind, SamplingParams
 from loraplex.metrics import Metrics
 from loraplex_proto.health import READY_SERVICE
 from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
@@ -101,17 +101,17 @@ class Server:
             self.on_ready()
 
     def _stalled(self) -> str | None:
-        loop = self.engine_loop
-        if loop is None:
+        engine_loop = self.engine_loop
+        if engine_loop is None:
             return "no engine loop"
-        if not loop.alive:
-            return f"engine loop stopped: {loop.failed!r}"
+        if not engine_loop.alive:
+            return f"engine loop stopped: {engine_loop.failed!r}"
         now, limit = time.monotonic(), self.config.api.heartbeat_timeout_s
-        busy = loop.busy_since
+        busy = engine_loop.busy_since
         if busy is not None and now - busy > limit:
             return f"an engine step has run for {now - busy:.1f}s"
-        if now - loop.heartbeat > limit:
-            return f"the engine loop has not come round for {now - loop.heartbeat:.1f}s"
+        if now - engine_loop.heartbeat > limit:
+            return f"the engine loop has not come round for {now - engine_loop.heartbeat:.1f}s"
         return None
 
     async def _watch(self) -> None:
@@ -137,22 +137,22 @@ class Server:
         if self.service is not None:
             self.service.draining = True
         self.engine.stop_accepting()
-        loop = self.engine_loop
-        log.info("draining: %d streams in flight, up to %.1fs", loop.num_streams, timeout)
+        engine_loop = self.engine_loop
+        log.info("draining: %d streams in flight, up to %.1fs", engine_loop.num_streams, timeout)
         deadline = time.monotonic() + timeout
-        while loop.num_streams and time.monotonic() < deadline:
+        while engine_loop.num_streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if loop.num_streams:
-            log.warning("drain timeout: ending %d streams with UNAVAILABLE", loop.num_streams)
-            loop.abort_all(SHUTDOWN_REASON)
+        if engine_loop.num_streams:
+            log.warning("drain timeout: ending %d streams with UNAVAILABLE", engine_loop.num_streams)
+            engine_loop.abort_all(ErrorKind.SHUTDOWN, SHUTDOWN_REASON)
             end = time.monotonic() + 5.0
-            while loop.num_streams and time.monotonic() < end:
+            while engine_loop.num_streams and time.monotonic() < end:
                 await asyncio.sleep(0.02)
         await self.health.enter_graceful_shutdown()
         await self._grpc.stop(grace=1.0)
         if self._watchdog is not None:
             self._watchdog.cancel()
-        loop.stop()
+        engine_loop.stop()
         if self.metrics is not None:
             self.metrics.close()
         log.info("stopped")

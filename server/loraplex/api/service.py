@@ -17,24 +17,26 @@ import grpc
 from loraplex import __version__
 from loraplex.api.auth import current_caller, resolve_adapter_id
 from loraplex.api.engine_loop import EngineLoop
-from loraplex.api.errors import ApiError, invalid, status_of
+from loraplex.api.errors import ApiError, ended_status, invalid, status_of
 from loraplex.api.validation import GenerateArgs, parse_generate
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
-from loraplex.engine.request import RequestOutput
+from loraplex.engine.request import FinishReason, RequestOutput
 from loraplex.logs import current_request_id
 from loraplex.lora.adapter_spec import ADAPTER_FILES, hash_adapter_files
-from loraplex.lora.adapter_version import AdapterInfo, check_adapter_id
+from loraplex.lora.adapter_version import AdapterInfo
+from loraplex.rules import check_adapter_id, new_request_id
 from loraplex_proto.v1 import loraplex_pb2 as pb
 from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORTED}
+# FinishReason.X is FINISH_REASON_X on the wire (ERROR has no value: it ends the call with a
+# status); a reason the proto lacks fails here, at import.
+FINISH: dict[FinishReason, Any] = {r: pb.FinishReason.Value(f"FINISH_REASON_{r.name}") for r in FinishReason if r is not FinishReason.ERROR}
 TIERS = {"registered": pb.ADAPTER_TIER_REGISTERED, "host": pb.ADAPTER_TIER_HOST, "device": pb.ADAPTER_TIER_DEVICE}
 UPLOAD_FILES = ADAPTER_FILES
 UPLOAD_DIR = ".uploads"
-UNLOAD_POLL_S = 0.05
 SHUTDOWN_REASON = "the server is shutting down"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -98,21 +100,9 @@ def _usage(out: RequestOutput, started: float) -> pb.Usage:
     )
 
 
-def _final_error(out: RequestOutput) -> ApiError | None:
-    """The status a finished request ends its call with, if not OK."""
-    if out.finish_reason == "error":
-        if out.error_kind == "adapter":
-            return ApiError(grpc.StatusCode.FAILED_PRECONDITION, out.error or "adapter failed to load")
-        return ApiError(grpc.StatusCode.INTERNAL, out.error or f"internal error in request {out.request_id}")
-    if out.finish_reason == "abort" and out.error:
-        code = grpc.StatusCode.UNAVAILABLE if "shutting down" in out.error else grpc.StatusCode.ABORTED
-        return ApiError(code, f"request {out.request_id}: {out.error}")
-    return None
-
-
 class LoraPlexService(pb_grpc.LoraPlexServicer):
     def __init__(self, engine_loop: EngineLoop, config: ServerConfig) -> None:
-        self.loop = engine_loop
+        self.engine_loop = engine_loop
         self.engine: Engine = engine_loop.engine
         self.config = config
         self.ready = False
@@ -121,10 +111,10 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
     # -- generation ------------------------------------------------------------------------
 
     def _args(self, request: pb.GenerateRequest) -> GenerateArgs:
-        args = parse_generate(request, vocab_size=self.engine.loaded.vocab_size, max_model_len=self.engine.max_model_len)
+        args = parse_generate(request, max_model_len=self.engine.max_model_len)
         adapter_id = None if args.adapter_id is None else resolve_adapter_id(current_caller(), args.adapter_id)
         # The id is fixed here so that every log line of this call names it (logs.current_request_id).
-        request_id = args.request_id or self.loop.new_request_id()
+        request_id = args.request_id or new_request_id()
         current_request_id.set(request_id)
         return GenerateArgs(args.prompt, args.prompt_token_ids, adapter_id, args.params, request_id)
 
@@ -134,21 +124,22 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         args = self._args(request)
         text: list[str] = []
         tokens: list[int] = []
-        async for out in self.loop.stream(args):
+        async for out in self.engine_loop.stream(args):
             text.append(out.new_text)
             tokens.extend(out.new_token_ids)
             if out.finished:
-                error = _final_error(out)
+                error = ended_status(out)
                 if error is not None:
                     raise error
+                assert out.finish_reason is not None
                 return pb.GenerateResponse(
                     request_id=out.request_id,
                     text="".join(text),
                     token_ids=tokens,
-                    finish_reason=FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+                    finish_reason=FINISH[out.finish_reason],
                     usage=_usage(out, started),
                     adapter_id=args.adapter_id or "",
-                    adapter_version=self._version_of(args.adapter_id),
+                    adapter_version=out.adapter_version or 0,
                 )
         raise ApiError(grpc.StatusCode.INTERNAL, "the request ended without a final output")
 
@@ -158,29 +149,22 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         started = time.monotonic()
         args = self._args(request)
-        async for out in self.loop.stream(args):
+        async for out in self.engine_loop.stream(args):
             if not out.finished:
                 if out.new_token_ids or out.new_text:
                     yield pb.GenerateStreamResponse(request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids)
                 continue
-            error = _final_error(out)
+            error = ended_status(out)
             if error is not None:
                 raise error
+            assert out.finish_reason is not None
             yield pb.GenerateStreamResponse(
                 request_id=out.request_id,
                 text=out.new_text,
                 token_ids=out.new_token_ids,
-                finish_reason=FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+                finish_reason=FINISH[out.finish_reason],
                 usage=_usage(out, started),
             )
-
-    def _version_of(self, adapter_id: str | None) -> int:
-        if adapter_id is None:
-            return 0
-        try:
-            return self.engine.store.get(adapter_id).version
-        except KeyError:
-            return 0  # unloaded since
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -192,7 +176,7 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
 
     def _info(self, info: AdapterInfo) -> pb.AdapterInfo:
         path = info.path
-        for root in self.engine.store.roots:
+        for root in self.engine.adapter_roots:
             if Path(path).is_relative_to(root):
                 path = str(Path(path).relative_to(root))
                 break
@@ -222,21 +206,21 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         adapter_id = self._adapter_id(request.adapter_id)
         if not request.path:
             raise invalid("path", "is required (a directory relative to the adapter root)")
-        store = self.engine.store
         # Reading and hashing the files is disk work: off the event loop.
-        await asyncio.to_thread(store.register, adapter_id, request.path, pin=request.pin, relative_only=True)
-        self.engine.wake()
-        return self._info(store.get(adapter_id))
+        info = await asyncio.to_thread(
+            self.engine.register_adapter, adapter_id, request.path, pin=request.pin, relative_only=True
+        )
+        return self._info(info)
 
     @unary
     async def UploadAdapter(
         self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context: grpc.aio.ServicerContext
     ) -> pb.AdapterInfo:
-        store = self.engine.store
-        if not store.roots:
+        roots = self.engine.adapter_roots
+        if not roots:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "no adapter root is configured for uploads")
         limit = self.config.engine.lora.max_upload_bytes
-        uploads = store.roots[0] / UPLOAD_DIR
+        uploads = roots[0] / UPLOAD_DIR
         uploads.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=uploads))
         try:
@@ -274,10 +258,11 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
             if not final.exists():
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp.rename(final)
-            rel = final.relative_to(store.roots[0])
-            await asyncio.to_thread(store.register, adapter_id, str(rel), pin=header.pin, relative_only=True)
-            self.engine.wake()
-            return self._info(store.get(adapter_id))
+            rel = final.relative_to(roots[0])
+            info = await asyncio.to_thread(
+                self.engine.register_adapter, adapter_id, str(rel), pin=header.pin, relative_only=True
+            )
+            return self._info(info)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -286,20 +271,28 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadAdapterResponse:
         adapter_id = self._adapter_id(request.adapter_id)
-        version = self.engine.unregister_adapter(adapter_id, force=request.force)
-        in_use = version.holders
+        loop = asyncio.get_running_loop()
+        released = loop.create_future()
+
+        def set_released() -> None:
+            if not released.done():
+                released.set_result(None)
+
+        def on_released() -> None:  # now, or from the engine thread when the last holder finishes
+            loop.call_soon_threadsafe(set_released)
+
+        in_use = self.engine.unregister_adapter(adapter_id, force=request.force, on_released=on_released)
         # New requests already get NOT_FOUND; wait for the ones holding it (or their abort).
-        while version.holders > 0:
-            await asyncio.sleep(UNLOAD_POLL_S)
+        await released
         return pb.UnloadAdapterResponse(adapter_id=adapter_id, aborted_requests=in_use if request.force else 0)
 
     @unary
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
-        return pb.ListAdaptersResponse(adapters=[self._info(i) for i in self.engine.store.infos()])
+        return pb.ListAdaptersResponse(adapters=[self._info(i) for i in self.engine.adapter_infos()])
 
     @unary
     async def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
-        return self._info(self.engine.store.get(self._adapter_id(request.adapter_id)))
+        return self._info(self.engine.adapter_info(self._adapter_id(request.adapter_id)))
 
     @unary
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
@@ -315,8 +308,8 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
             max_loras=c.lora.max_loras,
             max_lora_rank=c.lora.max_lora_rank,
             max_num_seqs=c.scheduler.max_num_seqs,
-            num_kv_blocks=e.blocks.num_blocks,
-            block_size=e.blocks.block_size,
+            num_kv_blocks=e.num_kv_blocks,
+            block_size=c.cache.block_size,
             server_version=__version__,
             ready=self.ready,
         )

@@ -2,32 +2,38 @@
 
     step():  drain inbox (new requests, aborts) → schedule → run model → sample → postprocess
 
-`add_request`, `abort` and the adapter calls are safe to call from any thread; they hand
-work to the engine thread through an inbox. `step` runs on one thread only (the API's engine
-loop, or the caller of `generate`).
+The face the API and metrics use (nothing else of the engine is read from outside):
+  add_request, abort                    any thread; hand work to the engine thread (live_requests.py)
+  step, has_unfinished, wait_for_work   the engine thread only (the API's engine loop, or `generate`)
+  last_step                             what the last step did (StepStats), read after step()
+  stats()                               any thread: a snapshot of requests, KV blocks and adapter tiers
+  lookup_adapter                        any thread, no disk
+  resolve_adapter, register_adapter     any thread but the event loop: they may read adapter files
+  unregister_adapter, adapter_info(s)   any thread
+  on_finish, set_adapter_listener       metrics hooks
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from loraplex.config import EngineConfig
-from loraplex.engine import attention
+from loraplex.engine import attention, offline
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import Detokenizer
-from loraplex.engine.errors import DuplicateRequestError, EngineClosedError, EngineOverloadedError
+from loraplex.engine.errors import EngineClosedError
 from loraplex.engine.kv_cache import KVCache, plan_num_blocks
+from loraplex.engine.live_requests import Abort, AbortHolders, Admit, LiveRequests
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.request import (
     CompletionResult,
+    ErrorKind,
     Request,
     RequestOutput,
     RequestStatus,
@@ -36,24 +42,21 @@ from loraplex.engine.request import (
 )
 from loraplex.engine.sampler import Sampler
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
+from loraplex.engine.stats import EngineStats
 from loraplex.lora.adapter_store import AdapterStore
 from loraplex.lora.adapter_version import AdapterInfo, AdapterVersion, StoreListener
 from loraplex.lora.adapter_weights import load_weights
 from loraplex.lora.lora_backend import LoraBackend
 from loraplex.lora.lora_layer import LoraModel
 from loraplex.model.loader import LoadedModel, load_base_model
+from loraplex.rules import InvalidFieldError, check_request_id, new_request_id
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
     def __init__(
-        self,
-        config: EngineConfig,
-        loaded: LoadedModel | None = None,
-        *,
-        store_listener: StoreListener | None = None,
-        lora_backend: LoraBackend[Any] | None = None,
+        self, config: EngineConfig, loaded: LoadedModel | None = None, *, lora_backend: LoraBackend[Any] | None = None
     ) -> None:
         """lora_backend: the grouped LoRA op's implementation; by default chosen for the device
         (backends.select_lora_backend). Tests pass stand-ins here."""
@@ -92,21 +95,15 @@ class Engine:
             itemsize=dtype.itemsize,
             adapter_roots=lc.adapter_roots,
             auto_register=lc.auto_register,
-            listener=store_listener,
             on_ready=self._wake.set,
         )
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.store, self.max_model_len)
         self.runner = ModelRunner(self.loaded, self.lora, self.kv_cache)
         self.sampler = Sampler(config.seed)
 
-        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
-        # (a request, or an adapter version whose requests all end; reason)
-        self._abort_inbox: queue.SimpleQueue[tuple[Request | AdapterVersion, str | None]] = queue.SimpleQueue()
-        self._requests: dict[str, Request] = {}  # unfinished and drained from the inbox; engine thread only
-        self._count_lock = threading.Lock()
-        self._live: dict[str, Request] = {}  # every unfinished request by id; under _count_lock
+        self.num_kv_blocks = num_blocks
+        self._live = LiveRequests(config.scheduler.max_waiting + config.scheduler.max_num_seqs)
         self._tokenizer_lock = threading.Lock()
-        self._ids = itertools.count()
         self._closed = False
         self.last_step: StepStats | None = None
         self.on_finish: Callable[[Request], None] | None = None  # metrics hook, engine thread
@@ -126,78 +123,92 @@ class Engine:
         request_id: str | None = None,
         *,
         prompt_token_ids: Sequence[int] | None = None,
+        adapter: AdapterVersion | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError on bad input, AdapterNotFoundError
-        for an unknown adapter, EngineOverloadedError when the queue is full."""
+        """Queue a request; returns its id. `adapter` is a version from resolve_adapter, given
+        instead of adapter_id when the caller resolved it off its own thread (the API does).
+
+        Raises InvalidFieldError on bad input, AdapterNotFoundError for an unknown adapter,
+        EngineOverloadedError when the queue is full, DuplicateRequestError for an id in flight.
+        """
         if self._closed:
             raise EngineClosedError("the engine is shutting down")
         params = params or SamplingParams()
+        request_id = new_request_id() if request_id is None else check_request_id(request_id)
         ids = self._prompt_ids(prompt, prompt_token_ids)
-        if len(ids) >= self.max_seq_len:
-            bound = "max_model_len" if self.max_seq_len == self.max_model_len else "the KV cache (num_kv_blocks x block_size)"
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; {bound} holds {self.max_seq_len} (room for at least one new token needed)"
-            )
-        if request_id is not None and not request_id:
-            raise ValueError("request_id must not be empty")
-        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        version = self.store.resolve(adapter_id) if adapter_id else None
+        self._check_vocab("stop_token_ids", params.stop_token_ids)
+        if adapter is None and adapter_id:
+            adapter = self.resolve_adapter(adapter_id)
         request = Request(
             request_id=request_id,
             prompt_token_ids=ids,
             params=params,
-            adapter_id=adapter_id or None,
-            adapter=version,
+            adapter_id=adapter.adapter_id if adapter is not None else None,
+            adapter=adapter,
             eos_token_ids=frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
             detokenizer=Detokenizer(self.tokenizer, ids, params.stop),
         )
-        with self._count_lock:
-            limit = self.config.scheduler.max_waiting + self.config.scheduler.max_num_seqs
-            if len(self._live) >= limit:
-                raise EngineOverloadedError(f"{len(self._live)} requests are queued or running (limit {limit})")
-            if request_id in self._live:
-                raise DuplicateRequestError(f"request_id {request_id!r} is already in flight")
-            self._live[request_id] = request
-        if version is not None:
-            self.store.hold(version)
-        self._inbox.put(request)
+        self._live.admit(request, on_admit=partial(self.store.hold, adapter) if adapter is not None else None)
         self._wake.set()
         return request_id
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
         if (prompt is None) == (prompt_token_ids is None):
-            raise ValueError("give exactly one of prompt and prompt_token_ids")
+            raise InvalidFieldError("prompt", "give exactly one of prompt and prompt_token_ids")
+        field = "prompt" if prompt_token_ids is None else "prompt_token_ids"
         if prompt_token_ids is not None:
             ids = [int(t) for t in prompt_token_ids]
-            bad = [t for t in ids if not 0 <= t < self.loaded.vocab_size]
-            if bad:
-                raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {self.loaded.vocab_size}): {bad[:5]}")
+            self._check_vocab(field, ids)
         else:
             with self._tokenizer_lock:
                 ids = list(self.tokenizer(prompt)["input_ids"])
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidFieldError(field, "the prompt is empty")
+        # The one prompt-length rule: the longest sequence this engine holds, with room to generate.
+        if len(ids) >= self.max_seq_len:
+            bound = "max_model_len" if self.max_seq_len == self.max_model_len else "the KV cache (num_kv_blocks x block_size)"
+            raise InvalidFieldError(
+                field,
+                f"{field} has {len(ids)} tokens; {bound} holds {self.max_seq_len} (room for at least one new token needed)",
+            )
         return ids
 
-    def abort(self, request_id: str, reason: str | None = None) -> None:
-        """End a request (cancel, deadline); its KV blocks and adapter slot come back at the next step.
+    def _check_vocab(self, field: str, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.loaded.vocab_size]
+        if bad:
+            raise InvalidFieldError(field, f"{field} has ids outside the vocabulary [0, {self.loaded.vocab_size}): {bad[:5]}")
 
-        Aborts the request that has this id now: a later request reusing the id is not hit.
+    def abort(
+        self, request_id: str, kind: ErrorKind = ErrorKind.CANCELLED, message: str = "cancelled by the client"
+    ) -> None:
+        """End a request ABORTED (cancel, deadline, shutdown); its KV blocks and adapter slot come
+        back at the next step. Aborts the request that has this id now, not a later one reusing the id.
         """
-        with self._count_lock:
-            request = self._live.get(request_id)
-        if request is not None:
-            self._abort_inbox.put((request, reason))
-        self._wake.set()
+        if self._live.abort(request_id, kind, message):
+            self._wake.set()
 
     # -- the step (engine thread) ---------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return bool(self._live)
+        return len(self._live) > 0
 
     @property
     def num_unfinished(self) -> int:
         return len(self._live)
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics and the API (any thread; counts read without stopping the engine)."""
+        adapters = self.store.snapshot()
+        running = len(self.scheduler.running)
+        return EngineStats(
+            running=running,
+            waiting=max(0, len(self._live) - running),
+            kv_blocks_used=self.blocks.num_used_blocks,
+            kv_blocks_free=self.blocks.num_free_blocks,
+            adapters=adapters,
+            adapter_slot_bytes=self.lora.pool_bytes // max(1, adapters.device_slots),
+            last_step=self.last_step,
+        )
 
     def wake(self) -> None:
         """Make a sleeping engine loop look at its queues (new adapter, new request)."""
@@ -216,8 +227,7 @@ class Engine:
             1 for r, n in zip(batch.requests, batch.num_new_tokens) if n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
         )
         for request in batch.failed:
-            request.error_kind = "adapter"
-            outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
+            outputs.append(self._end(request, ErrorKind.ADAPTER, request.error or "adapter failed to load"))
         num_adapters = 0
         if batch.requests:
             try:
@@ -248,31 +258,22 @@ class Engine:
                 self._run(single, outputs)
             except Exception as e:
                 log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
-                request.error = f"internal error in request {request.request_id}: {type(e).__name__}: {e}"
-                request.error_kind = "internal"
-                outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
+                message = f"internal error in request {request.request_id}: {type(e).__name__}: {e}"
+                outputs.append(self._end(request, ErrorKind.INTERNAL, message))
 
     def _drain_inbox(self) -> list[RequestOutput]:
-        while True:
-            try:
-                request = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            self._requests[request.request_id] = request
-            self.scheduler.add(request)
         outputs = []
-        while True:
-            try:
-                target, reason = self._abort_inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(target, Request):
-                victims = [target] if self._requests.get(target.request_id) is target else []
-            else:
-                victims = [r for r in self._requests.values() if r.adapter is target]
-            for request in victims:
-                request.error = reason
-                outputs.append(self._finish(request, RequestStatus.FINISHED_ABORTED))
+        for event in self._live.drain():
+            if isinstance(event, Admit):
+                if not event.request.finished:  # not ended by an AbortHolders before it got here
+                    self.scheduler.add(event.request)
+            elif isinstance(event, Abort):
+                if not event.request.finished:
+                    outputs.append(self._end(event.request, event.kind, event.message))
+            elif isinstance(event, AbortHolders):
+                for request in self._live.holders(event.version):
+                    if not request.finished:
+                        outputs.append(self._end(request, event.kind, event.message))
         return outputs
 
     def _postprocess(self, batch: ScheduledBatch, sampling: list[Request], tokens: list[int]) -> list[RequestOutput]:
@@ -298,20 +299,21 @@ class Engine:
                 outputs.append(self._finish(request, status, [token], text))
         return outputs
 
+    def _end(self, request: Request, kind: ErrorKind, message: str) -> RequestOutput:
+        """Finish a request ABORTED or ERROR, as its kind says."""
+        request.error, request.error_kind = message, kind
+        return self._finish(request, kind.status)
+
     def _finish(
         self, request: Request, status: RequestStatus, new_tokens: list[int] | None = None, text: str = ""
     ) -> RequestOutput:
-        if request.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
-            self.scheduler.finish(request, status)
-        else:
-            request.status = status
+        # A request ended before the engine thread admitted it is in no scheduler queue:
+        # finish() then only frees its (empty) block table.
+        self.scheduler.finish(request, status)
         if request.adapter is not None:
             self.store.unhold(request.adapter)
-        self._requests.pop(request.request_id, None)
-        with self._count_lock:
-            if self._live.get(request.request_id) is request:
-                del self._live[request.request_id]
-        if status is not RequestStatus.FINISHED_ERROR and status is not RequestStatus.FINISHED_ABORTED:
+        self._live.remove(request)
+        if request.error_kind is None:
             text += request.detokenizer.flush()
         if self.on_finish is not None:
             self.on_finish(request)
@@ -324,6 +326,7 @@ class Engine:
             error=request.error,
             error_kind=request.error_kind,
             usage=request.usage(),
+            adapter_version=request.adapter.version if request.adapter is not None else None,
         )
 
     # -- whole runs ------------------------------------------------------------------------
@@ -334,54 +337,57 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapter_ids: Sequence[str | None] | None = None,
     ) -> list[CompletionResult]:
-        """Run requests to completion in one continuous batch; results in input order."""
-        n = len(prompts)
-        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * n
-        adapters = list(adapter_ids) if adapter_ids is not None else [None] * n
-        if len(params_list) != n or len(adapters) != n:
-            raise ValueError("prompts, params and adapter_ids must have the same length")
-        ids = []
-        for prompt, p, adapter in zip(prompts, params_list, adapters):
-            if isinstance(prompt, str):
-                ids.append(self.add_request(prompt, p, adapter))
-            else:
-                ids.append(self.add_request(None, p, adapter, prompt_token_ids=prompt))
-        texts: dict[str, list[str]] = {i: [] for i in ids}
-        tokens: dict[str, list[int]] = {i: [] for i in ids}
-        done: dict[str, RequestOutput] = {}
-        while len(done) < n:
-            outputs = self.step()
-            if not outputs and not self.scheduler.running:
-                self.wait_for_work(0.01)  # adapters loading
-            for out in outputs:
-                if out.request_id in texts:
-                    texts[out.request_id].append(out.new_text)
-                    tokens[out.request_id].extend(out.new_token_ids)
-                    if out.finished:
-                        done[out.request_id] = out
-        results = []
-        for i in ids:
-            out = done[i]
-            if out.finish_reason == "error":
-                raise RuntimeError(out.error or f"request {i} failed")
-            assert out.usage is not None and out.finish_reason is not None
-            results.append(CompletionResult(i, "".join(texts[i]), tokens[i], out.finish_reason, out.usage))
-        return results
+        """Run requests to completion in one continuous batch on this thread; results in input order."""
+        return offline.generate(self, prompts, params, adapter_ids)
 
     # -- adapters (any thread) ------------------------------------------------------------
 
-    def register_adapter(self, adapter_id: str, path: str, *, pin: bool = False) -> AdapterInfo:
-        self.store.register(adapter_id, path, pin=pin)
+    def lookup_adapter(self, adapter_id: str) -> AdapterVersion | None:
+        """The current version of a registered id, or None. No disk work."""
+        return self.store.lookup(adapter_id)
+
+    def resolve_adapter(self, adapter_id: str) -> AdapterVersion:
+        """The current version of an id; with auto-register, registers a directory of that name
+        under an adapter root first (reads and hashes its files: never on the event loop)."""
+        return self.store.resolve(adapter_id)
+
+    def register_adapter(
+        self, adapter_id: str, path: str | Path, *, pin: bool = False, relative_only: bool = False
+    ) -> AdapterInfo:
+        """Register (or re-register, as a new version) a PEFT directory; reads and hashes its files."""
+        self.store.register(adapter_id, path, pin=pin, relative_only=relative_only)
         self._wake.set()
         return self.store.get(adapter_id)
 
-    def unregister_adapter(self, adapter_id: str, *, force: bool = False) -> AdapterVersion:
-        """Forget an adapter id; with force, end the requests using it with a clear error."""
+    def unregister_adapter(
+        self, adapter_id: str, *, force: bool = False, on_released: Callable[[], None] | None = None
+    ) -> int:
+        """Forget an adapter id; returns how many live requests hold its version. With force,
+        they end ABORTED (ErrorKind.UNLOADED). `on_released` is called (now, or later from the
+        engine thread) once none of them is live any more."""
         version = self.store.unregister(adapter_id)
+        holders = len(self._live.holders(version))
         if force:
-            self._abort_inbox.put((version, f"adapter {adapter_id!r} was unloaded"))
+            self._live.abort_holders(version, ErrorKind.UNLOADED, f"adapter {adapter_id!r} was unloaded")
             self._wake.set()
-        return version
+        if on_released is not None:
+            self._live.when_released(version, on_released)
+        return holders
+
+    def adapter_info(self, adapter_id: str) -> AdapterInfo:  # NOT_FOUND: AdapterNotFoundError
+        return self.store.get(adapter_id)
+
+    def adapter_infos(self) -> list[AdapterInfo]:  # sorted by id
+        return self.store.infos()
+
+    @property
+    def adapter_roots(self) -> tuple[Path, ...]:
+        """Where adapters may be read from (resolved); uploads go under the first."""
+        return self.store.roots
+
+    def set_adapter_listener(self, listener: StoreListener | None) -> None:
+        """Adapter load timings go to `listener.on_load` (metrics); None stops them."""
+        self.store.listener = listener
 
     def stop_accepting(self) -> None:
         """New add_request calls fail with EngineClosedError; running requests go on."""
@@ -390,3 +396,4 @@ class Engine:
     def close(self) -> None:
         self._closed = True
         self.store.close()
+

@@ -1,37 +1,78 @@
-"""A request's parameters, its lifecycle and what each step reports about it. No torch here.
+"""A request's parameters, its lifecycle, how it ends and what each step reports. No torch here.
 
 Lifecycle (one place to read it):
 
     WAITING ──schedule──> RUNNING ──stop token / string──> FINISHED_STOPPED
-       ^                    │  └────max_new_tokens / max_model_len─> FINISHED_LENGTH
+       ^                    │  └────max_new_tokens / max_seq_len─> FINISHED_LENGTH
        └─────preempt────────┘
-    any unfinished state ──abort / cancel / deadline──> FINISHED_ABORTED
+    any unfinished state ──cancel / deadline / unload --force / shutdown──> FINISHED_ABORTED
     any unfinished state ──adapter failed to load, internal error──> FINISHED_ERROR
+
+How it ends travels as enums, never as message text: FinishReason (one spelling from the
+engine to the proto's FINISH_REASON_<NAME> to the SDK's FinishReason) and, for ABORTED and
+ERROR, an ErrorKind that the API maps to one gRPC status.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from loraplex.rules import InvalidFieldError
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_new_tokens, or the longest sequence the engine holds
+    ABORTED = "aborted"  # ended from outside: see its ErrorKind
+    ERROR = "error"  # could not run: see its ErrorKind (ends a call with a status, no proto value)
+
+
+class ErrorKind(enum.StrEnum):
+    """Why a request ended ABORTED or ERROR."""
+
+    CANCELLED = "cancelled"  # ABORTED: the caller left (cancel, disconnect, deadline)
+    UNLOADED = "unloaded"  # ABORTED: its adapter was unloaded with force
+    SHUTDOWN = "shutdown"  # ABORTED: the server is shutting down
+    ADAPTER = "adapter"  # ERROR: its adapter could not be loaded
+    INTERNAL = "internal"  # ERROR: a bug or device failure in this request
+
+    @property
+    def status(self) -> RequestStatus:
+        if self in (ErrorKind.ADAPTER, ErrorKind.INTERNAL):
+            return RequestStatus.FINISHED_ERROR
+        return RequestStatus.FINISHED_ABORTED
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    FINISHED_STOPPED = "stop"
-    FINISHED_LENGTH = "length"
-    FINISHED_ABORTED = "abort"
-    FINISHED_ERROR = "error"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"
 
     @property
     def finished(self) -> bool:
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
     @property
-    def finish_reason(self) -> str | None:
-        return self.value if self.finished else None
+    def finish_reason(self) -> FinishReason | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORTED,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+}
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,22 +90,27 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        """The sampling ranges: the API relies on these, so each is checked here only."""
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidFieldError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise InvalidFieldError("temperature", f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidFieldError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidFieldError("top_k", f"top_k must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            raise InvalidFieldError(
+                "repetition_penalty", f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise InvalidFieldError("seed", f"seed must be in [0, 2**63), got {self.seed}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidFieldError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        if any(not 1 <= len(s) <= MAX_STOP_LEN for s in self.stop):
+            raise InvalidFieldError("stop", f"stop strings must have 1-{MAX_STOP_LEN} characters")
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be >= 0")
+            raise InvalidFieldError("stop_token_ids", "stop_token_ids must be >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -92,8 +138,8 @@ class Request:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
-    error: str | None = None
-    error_kind: str | None = None  # "adapter" (could not be loaded) or "internal"
+    error: str | None = None  # what happened, for the caller (ABORTED and ERROR)
+    error_kind: ErrorKind | None = None  # set with error
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -157,10 +203,11 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: str | None = None
-    error_kind: str | None = None
+    error_kind: ErrorKind | None = None  # set when finish_reason is ABORTED or ERROR
     usage: Usage | None = None
+    adapter_version: int | None = None  # final output: the adapter version the request ran on
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,5 +217,5 @@ class CompletionResult:
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: FinishReason
     usage: Usage

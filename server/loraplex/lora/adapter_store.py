@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraplex.config import ADAPTER_ID_RE
 from loraplex.lora.adapter_loader import AdapterLoader
 from loraplex.lora.adapter_spec import AdapterError, AdapterSpec, BaseLayerInfo, read_spec
 from loraplex.lora.adapter_version import (
@@ -38,10 +37,10 @@ from loraplex.lora.adapter_version import (
     StoreListener,
     StoreSnapshot,
     Tier,
-    check_adapter_id,
     resolve_adapter_path,
 )
 from loraplex.lora.slots import SlotState, SlotWriter
+from loraplex.rules import adapter_id_problem, check_adapter_id
 
 if TYPE_CHECKING:
     from loraplex.lora.adapter_weights import AdapterWeights
@@ -131,13 +130,17 @@ class AdapterStore:
             self._retire(version)
             return version
 
+    def lookup(self, adapter_id: str) -> AdapterVersion | None:
+        """The current version of a registered id, or None (no disk work)."""
+        with self._lock:
+            return self._current.get(adapter_id)
+
     def resolve(self, adapter_id: str) -> AdapterVersion:
         """The current version of an id; auto-registers a directory of that name under a root."""
-        with self._lock:
-            version = self._current.get(adapter_id)
-            if version is not None:
-                return version
-        if self.auto_register and self.roots and ADAPTER_ID_RE.match(adapter_id) and ".." not in adapter_id:
+        version = self.lookup(adapter_id)
+        if version is not None:
+            return version
+        if self.auto_register and self.roots and adapter_id_problem(adapter_id) is None:
             for root in self.roots:
                 candidate = root / adapter_id
                 if candidate.is_dir():
@@ -292,8 +295,6 @@ class AdapterStore:
     def _count(self, tier: Tier, event: str) -> None:
         key = (tier.value, event)
         self.counters[key] = self.counters.get(key, 0) + 1
-        if self.listener is not None:
-            self.listener.on_event(tier, event)
 
     def _count_load(self, tier: Tier, seconds: float) -> None:
         self._count(tier, "loads")

@@ -1,4 +1,4 @@
-"""What the adapter store holds and reports: versions, tiers, counters, snapshots; ids and paths.
+"""What the adapter store holds and reports: versions, tiers, counters, snapshots; paths.
 
 No torch here: host tensors are an opaque `AdapterWeights` the loader thread hands over.
 """
@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from loraplex.config import ADAPTER_ID_RE
 from loraplex.lora.adapter_spec import AdapterError, AdapterSpec
 
 if TYPE_CHECKING:
@@ -30,9 +29,7 @@ class Tier(enum.Enum):
 
 
 class StoreListener(Protocol):
-    """Hooks for metrics; every method is optional to act on."""
-
-    def on_event(self, tier: Tier, event: str) -> None: ...
+    """The metrics hook (the loader and engine threads call it; it must not raise)."""
 
     def on_load(self, tier: Tier, seconds: float) -> None: ...
 
@@ -124,15 +121,6 @@ class StoreSnapshot:
     device_slots: int
     registered: int
     counters: Mapping[tuple[str, str], int]
-
-
-def check_adapter_id(adapter_id: str) -> None:
-    if not ADAPTER_ID_RE.match(adapter_id or ""):
-        raise AdapterError(
-            f"adapter id {adapter_id!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ / -"
-        )
-    if adapter_id.startswith("/") or ".." in adapter_id.split("/"):
-        raise AdapterError(f"adapter id {adapter_id!r} is invalid: no leading '/' or '..' parts")
 
 
 def resolve_adapter_path(roots: tuple[Path, ...], path: str | Path, *, relative_only: bool = False) -> Path:

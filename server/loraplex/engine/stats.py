@@ -1,0 +1,25 @@
+"""What the engine holds now, as one snapshot (Engine.stats): metrics' gauges and the API read
+it instead of the scheduler, the block manager or the adapter store. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loraplex.engine.request import StepStats
+    from loraplex.lora.adapter_version import StoreSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """What the engine holds now (Engine.stats): for metrics and the API."""
+
+    running: int  # requests in the running batch
+    waiting: int  # unfinished and not running: queued for KV blocks, a batch seat or their adapter
+    kv_blocks_used: int
+    kv_blocks_free: int
+    adapters: StoreSnapshot  # tiers: resident counts, bytes, budgets, device slots, event counters
+    adapter_slot_bytes: int  # device bytes of one adapter slot
+    last_step: StepStats | None
