@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  round {rnd} [{count} adapters] {stats[count][-1].throughput:.1f} tok/s")
     rows = []
     for count, (engine, _) in engines.items():
-        snap = engine.store.snapshot()
+        snap = engine.stats().adapters
         merged = harness.RunStats()
         for s in stats[count]:
             merged.merge(s)

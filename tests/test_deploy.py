@@ -21,10 +21,10 @@ import pytest
 
 from conftest import TinyModel, engine_config
 from loraplex import cli, settings
+from loraplex.api.metrics import Metrics
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
-from loraplex.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import POISON_TOKEN, TinyModel, engine_config, poisoned_runner, wait_idle
+from loraplex.api.metrics import OTHER_LABEL, TopAdapters
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
-from loraplex.metrics import OTHER_LABEL, TopAdapters
 from loraplex_client import Client, InternalServerError
 
 ADAPTERS = ["qv-r4", "all-r8-rslora", "all-r16-patterns", "attn-r8-layer0"]

@@ -25,12 +25,12 @@ from grpc_reflection.v1alpha import reflection
 
 from loraplex.api.auth import AuthInterceptor
 from loraplex.api.engine_loop import EngineLoop
+from loraplex.api.metrics import Metrics
 from loraplex.api.service import SHUTDOWN_REASON, LoraPlexService
 from loraplex.api.validation import GenerateArgs
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import ErrorKind, SamplingParams
-from loraplex.metrics import Metrics
 from loraplex_proto.health import READY_SERVICE
 from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
 
