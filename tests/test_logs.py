@@ -6,11 +6,19 @@ import contextvars
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
 
-from loraplex.logs import JsonFormatter, RequestIdFilter, TextFormatter, configure, current_request_id
+from loraplex.logs import (
+    JsonFormatter,
+    RequestIdFilter,
+    TextFormatter,
+    configure,
+    current_request_id,
+    progress_bars,
+)
 
 
 @pytest.fixture
@@ -75,3 +83,28 @@ def test_configure_installs_one_handler_with_the_filter() -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        logging.captureWarnings(False)
+
+
+def test_json_mode_has_only_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logging.captureWarnings(False)  # the state an earlier configure() in this process left behind
+    try:
+        configure("info", "json")
+        assert not progress_bars()  # never between JSON lines, terminal or not
+        # bitsandbytes' advice on a CPU with AVX512-BF16: noise to a user, dropped
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'"
+        )
+        # a library's warnings.warn() (pytest records those itself, so call the display hook)
+        warnings.showwarning(UserWarning("a library's warning"), UserWarning, "lib.py", 1)  # a JSON line
+        logging.getLogger("loraplex").info("ready")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+    lines = capsys.readouterr().err.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["logger"] for r in records] == ["py.warnings", "loraplex"]
+    assert "a library's warning" in records[0]["msg"] and records[1]["msg"] == "ready"

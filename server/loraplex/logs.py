@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import sys
 import time
 
 LOG_FORMATS = ("text", "json")
@@ -53,12 +54,24 @@ class TextFormatter(logging.Formatter):
         return f"{line} [request_id={request_id}]" if request_id is not None else line
 
 
+_progress_bars: bool | None = None  # None: not configured, bars on a terminal
+
+
+def progress_bars() -> bool:
+    """Whether a progress bar may be drawn: on a terminal, and never between JSON log lines."""
+    return sys.stderr.isatty() if _progress_bars is None else _progress_bars
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
+    global _progress_bars
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+    # Start-up noise that means nothing to a user, e.g. bitsandbytes' advice to `pip install kernels`.
     for noisy in ("httpx", "urllib3", "bitsandbytes", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.captureWarnings(True)  # warnings.warn() lines go through the handler (JSON when asked)
+    _progress_bars = fmt == "text" and sys.stderr.isatty()

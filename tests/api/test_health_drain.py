@@ -177,11 +177,9 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
+        """Every line of the run (stdout and stderr): each one must be JSON, progress bars and
+        third-party start-up noise included."""
+        return [json.loads(line) for line in self.log().splitlines()]
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from loraplex.config import ModelConfig
+from loraplex.logs import progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def exact_nf4_compute(model: Any) -> int:
 
 def load_base_model(config: ModelConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(config.model)
     if not (path / "config.json").is_file():
@@ -107,6 +109,11 @@ def load_base_model(config: ModelConfig) -> LoadedModel:
     log.info("loading %s (%s, %s, %s)", path, config.quantization, str(dtype).removeprefix("torch."), device)
     # bitsandbytes may try to fetch optional CPU kernels from a hub; there is no network here.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The "Loading weights" bar: on a terminal only, never inside JSON logs.
+    if progress_bars():
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     model.requires_grad_(False)
