@@ -4,6 +4,11 @@ adapters made with PEFT itself. Nothing is downloaded."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,6 +111,57 @@ def tokenizer() -> Any:
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a `loraplex` subprocess: no LORAPLEX_* of the caller's, plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An $XDG_CACHE_HOME holding the demo model and adapters at loraplex/demo, built once."""
+    from loraplex.model.demo import make_demo
+
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    make_demo(cache / "loraplex" / "demo")
+    return cache
+
+
+@dataclass
+class ServedDemo:
+    address: str
+    env: dict[str, str]  # XDG_CACHE_HOME points at the demo: `--model demo` and README snippets find it
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedDemo]:
+    """`loraplex serve --model demo` in a subprocess, as the README starts it (on a free port)."""
+    from loraplex_client import Client
+
+    env = cli_env(XDG_CACHE_HOME=str(demo_cache))
+    port = free_port()
+    log = (tmp_path_factory.mktemp("demo-server") / "server.log").open("wb")
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--model", "demo", "--port", str(port), "--metrics-port", "0"]
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    with Client(address) as client:
+        while not client.health(timeout=1.0):
+            assert process.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+            time.sleep(0.2)
+    yield ServedDemo(address, env, process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    log.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,18 +6,22 @@ Only `serve` (and the demo commands) import torch; `healthcheck` and `--help` do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
+import traceback
 import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from loraplex import settings
 from loraplex.config import Quantization
 from loraplex.logs import LOG_LEVELS
 
-DEFAULT_DEMO_DIR = ".cache/demo"
+DEMO_DIR_HELP = "default: $LORAPLEX_DEMO_DIR, else $XDG_CACHE_HOME/loraplex/demo, else ~/.cache/loraplex/demo"
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -27,42 +31,91 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
+    """Exit codes: 0 after a drain, 2 for a start-up failure the user can fix (one or two
+    lines on stderr: the cause, then the fix), 130 for Ctrl-C before the server was ready,
+    1 for a bug (with its traceback)."""
+    from loraplex.startup import StartupError
 
     try:
         values, sources = settings.resolve_with_sources(args)
     except ValueError as e:
-        print(f"loraplex serve: {e}", file=sys.stderr)
+        print(f"loraplex serve: {e}", file=sys.stderr)  # the log format itself may be what is wrong
         return 2
     _setup_logging(values["log_level"], values["log_format"])
-    log = logging.getLogger("loraplex")
-    if values["model"] == "demo":
-        from loraplex.model.demo import make_demo
+    try:
+        return _serve(values, sources)
+    except StartupError as e:
+        _report(values, [e.cause, e.fix] if e.fix else [e.cause], e)
+        return 2
+    except KeyboardInterrupt as e:
+        _report(values, ["interrupted (Ctrl-C) while starting: nothing was served"], e)
+        return 130
 
-        root = make_demo(DEFAULT_DEMO_DIR)
+
+def _serve(values: dict[str, Any], sources: dict[str, str]) -> int:
+    import asyncio
+
+    from loraplex import startup
+
+    startup.check_server_extra()
+    try:
+        config = settings.build_config(values, sources)
+        preload = settings.parse_preload(values["preload"])
+    except ValueError as e:
+        raise startup.StartupError(str(e)) from e  # it names the option and where its value came from
+    api = config.api
+    startup.check_port_free(api.host, api.port, "gRPC", "--port")
+    if api.metrics_port:
+        startup.check_port_free(api.host, api.metrics_port, "metrics", "--metrics-port")
+    if values["model"] == "demo":
+        with _server_imports():
+            from loraplex.model.demo import demo_dir, make_demo
+
+        root = make_demo(demo_dir())
         values["model"] = str(root / "model")
         sources["model"] += ", the demo model"
         if not values["adapter_root"]:
             values["adapter_root"] = (str(root / "adapters"),)
             sources["adapter_root"] = "the demo adapters"
-    try:
         config = settings.build_config(values, sources)
-        preload = settings.parse_preload(values["preload"])
-    except ValueError as e:
-        print(f"loraplex serve: {e}", file=sys.stderr)
-        return 2
+    startup.check_model_dir(config.engine.model.model)
+    startup.check_adapter_roots(config.engine.lora.adapter_roots)
+    log = logging.getLogger("loraplex")
     log.info("configuration (flag > LORAPLEX_* > --config file > default):\n%s", settings.describe(values, sources))
     for name in settings.unknown_environment():
         log.warning("ignoring %s: no such option", name)
-    engine_config = config.engine
-    if not engine_config.lora.adapter_roots:
+    if not config.engine.lora.adapter_roots:
         log.warning("no --adapter-root: LoadAdapter and UploadAdapter are refused")
 
-    # torch and the model code load only here: `--help` and errors above stay fast.
-    from loraplex.api.server import serve
-    from loraplex.engine.engine import Engine
+    # torch and the model code load only here: `--help` and the checks above stay fast.
+    with _server_imports():
+        from loraplex.api.server import serve
+        from loraplex.engine.engine import Engine
 
-    return asyncio.run(serve(config, lambda: Engine(engine_config), preload=preload))
+    engine = Engine(config.engine)  # in the main thread, so that Ctrl-C stops it at once
+    return asyncio.run(serve(config, engine, preload=preload))
+
+
+@contextlib.contextmanager
+def _server_imports() -> Iterator[None]:
+    """An import that fails for want of the server extra says how to install it."""
+    from loraplex.startup import missing_server_extra
+
+    try:
+        yield
+    except ImportError as e:
+        raise (missing_server_extra(e) or e) from e
+
+
+def _report(values: dict[str, Any], lines: list[str], error: BaseException) -> None:
+    """A start-up failure: plain lines on stderr, or one JSON log line; the traceback at debug level."""
+    debug = values["log_level"] == "debug"
+    if values["log_format"] == "json":
+        logging.getLogger("loraplex").error("; ".join(lines), exc_info=error if debug else None)
+        return
+    if debug:
+        traceback.print_exception(error)
+    print("\n".join([f"loraplex serve: {lines[0]}", *(f"  {line}" for line in lines[1:])]), file=sys.stderr)
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -90,17 +143,18 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo(args: argparse.Namespace) -> int:
-    from loraplex.model.demo import make_demo
+    from loraplex.model.demo import demo_dir, make_demo
 
-    out = make_demo(args.out_dir)
+    out = make_demo(args.out_dir or demo_dir())
     print(f"demo model: {out / 'model'}\ndemo adapters: {out / 'adapters'}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from loraplex.demo_run import run_demo
+    from loraplex.model.demo import demo_dir
 
-    return run_demo(Path(args.workdir), quantization=args.quantization)
+    return run_demo(Path(args.workdir) if args.workdir else demo_dir(), quantization=args.quantization)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_healthcheck)
 
     p = sub.add_parser("make-demo", help="build the demo model and adapters (CPU, under a minute)")
-    p.add_argument("out_dir", nargs="?", default=DEFAULT_DEMO_DIR)
+    p.add_argument("out_dir", nargs="?", help=DEMO_DIR_HELP)
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.set_defaults(func=cmd_make_demo)
 
     p = sub.add_parser("demo", help="the main job: mixed-adapter streams on the demo model")
-    p.add_argument("--workdir", default=DEFAULT_DEMO_DIR)
+    p.add_argument("--workdir", help=f"where the demo model is built or reused ({DEMO_DIR_HELP})")
     p.add_argument("--quantization", default="nf4", choices=typing.get_args(Quantization))
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     p.set_defaults(func=cmd_demo)

@@ -230,7 +230,7 @@ def resolve_with_sources(
 def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     """LORAPLEX_* variables that name no option (typos would otherwise pass unnoticed)."""
     environ = os.environ if environ is None else environ
-    known = {ENV_PREFIX + "CONFIG"} | {ENV_PREFIX + o.name.upper() for o in OPTIONS}
+    known = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "DEMO_DIR"} | {ENV_PREFIX + o.name.upper() for o in OPTIONS}
     return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
 
 

@@ -8,6 +8,7 @@ import torch
 from conftest import TinyModel
 from loraplex.config import ModelConfig
 from loraplex.model.loader import load_base_model
+from loraplex.startup import StartupError
 
 
 def test_nf4_layers_are_bitsandbytes_and_compute_in_fp32(tiny_llama: TinyModel) -> None:
@@ -25,7 +26,10 @@ def test_unquantized_and_bad_paths(tiny_llama: TinyModel, tmp_path: Path) -> Non
     loaded = load_base_model(ModelConfig(str(tiny_llama.path), quantization="none", device="cpu", max_model_len=128))
     assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert loaded.max_model_len == 128
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(StartupError, match="no config.json"):
+        load_base_model(ModelConfig(str(tmp_path)))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # no weights, no tokenizer
+    with pytest.raises(StartupError, match=f"model '{tmp_path}' cannot be loaded"):
         load_base_model(ModelConfig(str(tmp_path)))
     with pytest.raises(ValueError, match="quantization"):
         ModelConfig("x", quantization="int8")  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """The gRPC server around one engine: service, health, reflection, auth, warm-up and drain.
 
-Start-up:  load the base (progress bar) → bind and listen (liveness SERVING), /metrics on
-           its own port → warm up one request → readiness SERVING.
+Start-up:  (the caller loads the engine) → preload → bind /metrics and gRPC, each port
+           exclusively (a taken one: StartupError) → listen (liveness SERVING) → warm up
+           one request → readiness SERVING → SIGTERM / SIGINT now drain.
 Running:   a watchdog turns readiness NOT_SERVING while the engine loop makes no progress.
 Shutdown:  SIGTERM/SIGINT → readiness NOT_SERVING, new calls UNAVAILABLE, in-flight streams
            get up to drain_timeout to finish, the rest end UNAVAILABLE, exit 0.
@@ -23,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from loraplex import startup
 from loraplex.api.auth import AuthInterceptor
 from loraplex.api.engine_loop import EngineLoop
 from loraplex.api.metrics import Metrics
@@ -31,6 +33,9 @@ from loraplex.api.validation import GenerateArgs
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import ErrorKind, SamplingParams
+from loraplex.lora.adapter_spec import AdapterError
+from loraplex.lora.adapter_version import AdapterNotFoundError
+from loraplex.rules import InvalidFieldError
 from loraplex_proto.health import READY_SERVICE
 from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
 
@@ -51,6 +56,7 @@ class Server:
         self.ready = False
         self.draining = False
         self._grpc: grpc.aio.Server | None = None
+        self._grpc_started = False
         self._watchdog: asyncio.Task[None] | None = None
         self.engine_loop: EngineLoop | None = None
         self.service: LoraPlexService | None = None
@@ -59,32 +65,61 @@ class Server:
         self.on_ready: Callable[[], None] | None = None
 
     async def start(self) -> int:
+        """Bind the gRPC and metrics ports, then start the engine loop and serve.
+
+        A port that cannot be bound raises StartupError ("port N is already in use") before
+        the engine is touched; whatever was set up is released again.
+        """
+        try:
+            return await self._start()
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _start(self) -> int:
         api = self.config.api
         self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop())
+        self.service = LoraPlexService(self.engine_loop, self.config)
         if api.metrics_port:
             self.metrics = Metrics(self.engine, top_adapters=api.metrics_top_adapters)
+            with startup.binding("metrics", api.host, api.metrics_port, "--metrics-port"):
+                self.metrics_port = self.metrics.serve(api.host, api.metrics_port)
             self.metrics.attach(self.engine_loop)  # before the loop starts: warm-up counts too
-        self.engine_loop.start()
-        self.service = LoraPlexService(self.engine_loop, self.config)
-        server = grpc.aio.server(interceptors=[AuthInterceptor(api.auth_tokens)])
+        # grpc sets SO_REUSEPORT by default: a second server on the port would start and take
+        # half of the calls. Without it a taken port fails the bind, which grpc reports as a
+        # RuntimeError (or port 0, in older versions) without the reason: bind_failed finds it.
+        server = grpc.aio.server(interceptors=[AuthInterceptor(api.auth_tokens)], options=[("grpc.so_reuseport", 0)])
+        self._grpc = server
         pb_grpc.add_LoraPlexServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
-        self.port = server.add_insecure_port(f"{api.host}:{api.port}")
+        try:
+            self.port = server.add_insecure_port(f"{api.host}:{api.port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {api.host}:{api.port}")
+            raise startup.bind_failed("gRPC", api.host, api.port, "--port")
+        self.engine_loop.start()
         await self.health.set("", SERVING)  # live
         await self.health.set(SERVICE_NAME, NOT_SERVING)  # not ready before warm-up
         await server.start()
-        self._grpc = server
-        if self.metrics is not None:
-            try:
-                self.metrics_port = self.metrics.serve(api.host, api.metrics_port)
-            except OSError as e:
-                raise RuntimeError(f"cannot serve metrics on {api.host}:{api.metrics_port}: {e}") from e
+        self._grpc_started = True
         self._watchdog = asyncio.create_task(self._watch())
         log.info("listening on %s:%d (gRPC %s, health, reflection)", api.host, self.port, SERVICE_NAME)
         return self.port
+
+    async def _release(self) -> None:
+        """Undo a start that failed part-way (a port taken, Ctrl-C)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._grpc is not None:
+            if self.port and not self._grpc_started:
+                await self._grpc.start()  # a bound server that never started keeps its port until it stops
+            await self._grpc.stop(None)
+        if self.engine_loop is not None and self.engine_loop.alive:
+            self.engine_loop.stop()
+        if self.metrics is not None:
+            self.metrics.close()
 
     async def warm_up(self) -> None:
         """Run one short request through the whole path, then report ready."""
@@ -161,23 +196,37 @@ class Server:
         await self.drain(0.0)
 
 
-async def serve(config: ServerConfig, engine_factory: Callable[[], Engine], *, preload: dict[str, str] | None = None) -> int:
-    """Run until SIGTERM / SIGINT, then drain. Returns the process exit code."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    engine = await asyncio.to_thread(engine_factory)
-    for adapter_id, path in (preload or {}).items():
-        await asyncio.to_thread(engine.register_adapter, adapter_id, path)
-    server = Server(config, engine)
-    await server.start()
-    await server.warm_up()
-    await stop.wait()
-    log.info("signal received: draining for up to %.1fs", config.api.drain_timeout_s)
-    await server.drain(config.api.drain_timeout_s)
-    engine.close()
-    return 0
+async def serve(config: ServerConfig, engine: Engine, *, preload: dict[str, str] | None = None) -> int:
+    """Preload, bind, warm up, then run until SIGTERM / SIGINT and drain. Returns the exit code.
+
+    Until the server is ready nothing needs draining: SIGINT raises KeyboardInterrupt as it
+    does anywhere (the CLI reports it in one line) and SIGTERM ends the process.
+    """
+    try:
+        for adapter_id, path in (preload or {}).items():
+            try:
+                await asyncio.to_thread(engine.register_adapter, adapter_id, path)
+            except (AdapterError, AdapterNotFoundError, InvalidFieldError) as e:
+                raise startup.StartupError(
+                    f"--preload {adapter_id}={path}: {e}", "give a directory relative to --adapter-root, or drop the --preload"
+                ) from e
+        server = Server(config, engine)
+        await server.start()
+        try:
+            await server.warm_up()
+        except BaseException:
+            await server.stop()
+            raise
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: draining for up to %.1fs", config.api.drain_timeout_s)
+        await server.drain(config.api.drain_timeout_s)
+        return 0
+    finally:
+        engine.close()
 
 
 class BackgroundServer:

@@ -1,6 +1,7 @@
 """The demo model: a small Llama, a tokenizer and a few PEFT adapters, all made here on the CPU.
 
-Nothing is downloaded. `make_demo(out)` writes
+Nothing is downloaded. `make_demo(out)` writes (`out` is `demo_dir()` for the CLI: one place
+per user, whatever the working directory)
 
     out/model/                 a 4-layer Llama (hidden 128), trained for a few seconds on a tiny corpus
     out/adapters/<name>/       PEFT LoRA adapters, each trained to answer the demo question its own way
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +51,15 @@ ADAPTERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+
+def demo_dir() -> Path:
+    """Where `loraplex demo`, `make-demo` and `serve --model demo` build or reuse the demo:
+    $LORAPLEX_DEMO_DIR, else $XDG_CACHE_HOME/loraplex/demo, else ~/.cache/loraplex/demo."""
+    if override := os.environ.get("LORAPLEX_DEMO_DIR"):
+        return Path(override).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "loraplex" / "demo"
 
 
 def build_tokenizer(corpus: str | None = None, vocab_size: int = 512) -> Any:

@@ -16,6 +16,7 @@ import torch
 
 from loraplex.config import ModelConfig
 from loraplex.logs import progress_bars
+from loraplex.startup import MODEL_FIX, StartupError, check_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for, but no CUDA device is available")
+        raise StartupError("device=cuda was asked for, but no CUDA device is available", "use --device auto or cpu")
     return torch.device(device)
 
 
@@ -84,12 +85,20 @@ def exact_nf4_compute(model: Any) -> int:
 
 
 def load_base_model(config: ModelConfig) -> LoadedModel:
+    """Load the base; a directory transformers cannot load raises StartupError naming it."""
+    check_model_dir(config.model)
+    try:
+        return _load(config)
+    except (OSError, ValueError) as e:  # transformers' word for a missing weights file, unknown model type, ...
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StartupError(f"model {config.model!r} cannot be loaded: {first_line}", MODEL_FIX) from e
+
+
+def _load(config: ModelConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = Path(config.model)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model {config.model!r}: not a local Hugging Face model directory (no config.json)")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     hf_config = AutoConfig.from_pretrained(path)
@@ -127,7 +136,10 @@ def load_base_model(config: ModelConfig) -> LoadedModel:
     max_len = getattr(text_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
     max_model_len = config.max_model_len or min(max_len, DEFAULT_MAX_MODEL_LEN)
     if max_model_len > max_len:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {max_len}")
+        raise StartupError(
+            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {max_len}",
+            f"set --max-model-len to at most {max_len}",
+        )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
