@@ -28,12 +28,16 @@ if _version_not_supported:
 class LoraPlexStub:
     """Errors (google.rpc status codes), each with a message naming the field or the adapter:
     INVALID_ARGUMENT     a request field is out of range or malformed
-    NOT_FOUND            unknown adapter id (never served as the base model)
+    NOT_FOUND            unknown adapter id (never served as the base model), or a
+    LoadAdapter path that does not exist under the adapter root
     FAILED_PRECONDITION  the adapter cannot be served on this base (DoRA, rank, shapes, ...)
     ALREADY_EXISTS       a request id is already in flight
     RESOURCE_EXHAUSTED   the admission queue is full, or an upload is too large
     UNAVAILABLE          the server is shutting down (or not ready yet)
     DEADLINE_EXCEEDED    the call's deadline passed; the request was aborted
+    ABORTED              the request was ended by UnloadAdapter with force
+    CANCELLED            the call was cancelled
+    UNAUTHENTICATED      no valid bearer token
     INTERNAL             a bug or device failure in this request (the message has its id)
     """
 
@@ -88,12 +92,16 @@ class LoraPlexStub:
 class LoraPlexServicer:
     """Errors (google.rpc status codes), each with a message naming the field or the adapter:
     INVALID_ARGUMENT     a request field is out of range or malformed
-    NOT_FOUND            unknown adapter id (never served as the base model)
+    NOT_FOUND            unknown adapter id (never served as the base model), or a
+    LoadAdapter path that does not exist under the adapter root
     FAILED_PRECONDITION  the adapter cannot be served on this base (DoRA, rank, shapes, ...)
     ALREADY_EXISTS       a request id is already in flight
     RESOURCE_EXHAUSTED   the admission queue is full, or an upload is too large
     UNAVAILABLE          the server is shutting down (or not ready yet)
     DEADLINE_EXCEEDED    the call's deadline passed; the request was aborted
+    ABORTED              the request was ended by UnloadAdapter with force
+    CANCELLED            the call was cancelled
+    UNAUTHENTICATED      no valid bearer token
     INTERNAL             a bug or device failure in this request (the message has its id)
     """
 
@@ -206,12 +214,16 @@ def add_LoraPlexServicer_to_server(servicer, server):
 class LoraPlex:
     """Errors (google.rpc status codes), each with a message naming the field or the adapter:
     INVALID_ARGUMENT     a request field is out of range or malformed
-    NOT_FOUND            unknown adapter id (never served as the base model)
+    NOT_FOUND            unknown adapter id (never served as the base model), or a
+    LoadAdapter path that does not exist under the adapter root
     FAILED_PRECONDITION  the adapter cannot be served on this base (DoRA, rank, shapes, ...)
     ALREADY_EXISTS       a request id is already in flight
     RESOURCE_EXHAUSTED   the admission queue is full, or an upload is too large
     UNAVAILABLE          the server is shutting down (or not ready yet)
     DEADLINE_EXCEEDED    the call's deadline passed; the request was aborted
+    ABORTED              the request was ended by UnloadAdapter with force
+    CANCELLED            the call was cancelled
+    UNAUTHENTICATED      no valid bearer token
     INTERNAL             a bug or device failure in this request (the message has its id)
     """
 
