@@ -27,6 +27,7 @@ TORCH_FREE = [
     "loraplex.lora.adapter_version",
     "loraplex.lora.adapter_loader",
     "loraplex.lora.adapter_store",
+    "loraplex.lora.s3_source",
 ]
 
 BLOCK_TORCH = textwrap.dedent(

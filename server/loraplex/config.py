@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from loraplex.rules import InvalidFieldError
+from loraplex.rules import InvalidFieldError, is_s3_uri, s3_uri_problem
 
 Quantization = Literal["nf4", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -104,7 +104,7 @@ class LoraConfig:
     max_loras: int = 8  # device slots
     max_lora_rank: int = 16
     max_host_adapter_bytes: int = 2 << 30
-    adapter_roots: tuple[str, ...] = ()
+    adapter_roots: tuple[str, ...] = ()  # directories, or s3://bucket/prefix (needs a local root for its cache)
     auto_register: bool = True
     max_upload_bytes: int = 1 << 30
 
@@ -113,6 +113,15 @@ class LoraConfig:
         _positive("max_lora_rank", self.max_lora_rank)
         _positive("max_host_adapter_bytes", self.max_host_adapter_bytes)
         _positive("max_upload_bytes", self.max_upload_bytes)
+        s3_roots = [r for r in self.adapter_roots if is_s3_uri(r)]
+        for root in s3_roots:
+            problem = s3_uri_problem(root)
+            if problem is not None:
+                raise InvalidFieldError("adapter_roots", f"adapter_roots: {root!r}: {problem}")
+        if s3_roots and len(s3_roots) == len(self.adapter_roots):
+            raise InvalidFieldError(
+                "adapter_roots", "adapter_roots: an s3:// root needs a local adapter root too (downloads are cached there)"
+            )
 
 
 @dataclass(frozen=True, slots=True)

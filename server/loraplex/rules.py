@@ -6,6 +6,8 @@
   mistake in the API's eyes.
 - Adapter ids: checked by the API (every call that names one), the adapter store
   (register, and resolve before it auto-registers a directory of that name).
+- s3:// adapter locations: checked by the config (adapter roots) and the S3 source
+  (LoadAdapter paths).
 - Request ids: made by `new_request_id` and checked by `check_request_id` (the engine, for
   every request; the API for its own before the call is logged).
 
@@ -53,6 +55,26 @@ def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> None:
     problem = adapter_id_problem(adapter_id)
     if problem is not None:
         raise InvalidFieldError(field, f"{field} {adapter_id!r} is invalid: {problem}")
+
+
+S3_SCHEME = "s3://"
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+
+
+def is_s3_uri(path: object) -> bool:
+    return isinstance(path, str) and path.startswith(S3_SCHEME)
+
+
+def s3_uri_problem(uri: str) -> str | None:
+    """Why `s3://bucket[/prefix]` is not a usable adapter location, or None."""
+    if not is_s3_uri(uri):
+        return "is not an s3:// URI"
+    bucket, _, prefix = uri[len(S3_SCHEME) :].partition("/")
+    if not _S3_BUCKET.fullmatch(bucket):
+        return f"{bucket!r} is not a valid S3 bucket name"
+    if any(p in ("", ".", "..") for p in prefix.strip("/").split("/")) and prefix.strip("/"):
+        return "an S3 prefix may not hold empty, '.' or '..' parts"
+    return None
 
 
 REQUEST_ID_MAX_LEN = 128

@@ -92,7 +92,10 @@ OPTIONS: tuple[Option, ...] = (
     _field_option(
         "max_host_adapter_bytes", L, "max_host_adapter_bytes", "host-tier budget for validated adapter tensors"
     ),
-    _field_option("adapter_root", L, "adapter_roots", "directory adapters are loaded from (repeatable)"),
+    _field_option(
+        "adapter_root", L, "adapter_roots",
+        "directory adapters are loaded from, or s3://bucket/prefix (repeatable; S3 needs a local root for its cache)",
+    ),
     _field_option(
         "auto_register", L, "auto_register",
         "let a request name an adapter directory under the root without loading it first",

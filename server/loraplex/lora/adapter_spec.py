@@ -16,7 +16,9 @@ rsLoRA, rank_pattern and alpha_pattern are honoured with PEFT's exact scale
               ──load_weights (adapter_weights.py, torch)──> AdapterWeights   the host tier
 
 `hash_adapter_files` is the one content hash: registration records it, loading checks the
-bytes it reads against it, and uploads are stored under it.
+bytes it reads against it (`read_adapter_files`), and uploads are stored under it. An adapter
+from a remote source (s3_source.py) is checked by its `remote` files object instead: the
+source's own identity (object ETags) stands in for the bytes it has not read yet.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -65,6 +67,18 @@ class BaseLayerInfo:
     out_features: int
 
 
+class RemoteFiles(Protocol):
+    """An adapter's files in a remote source (s3_source.S3Files); read on the loader thread."""
+
+    @property
+    def uri(self) -> str: ...
+
+    def read(self) -> tuple[bytes, bytes]:
+        """adapter_config.json and adapter_model.safetensors as registered, from the local cache
+        or downloaded into it; AdapterError if they changed since registration."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterSpec:
     """What the config says, checked; no tensors yet (the registered tier)."""
@@ -78,6 +92,12 @@ class AdapterSpec:
     target_modules: tuple[str, ...] | str
     content_hash: str  # hash_adapter_files of the directory when it was checked
     module_ranks: Mapping[str, int]  # module name -> rank, for every targeted module
+    remote: RemoteFiles | None = None  # where the files come from when not a local directory (path is then its cache)
+
+    @property
+    def location(self) -> str:
+        """Where the adapter was registered from: its directory, or its remote URI."""
+        return self.remote.uri if self.remote is not None else str(self.path)
 
     def host_bytes(self, layers: Mapping[str, BaseLayerInfo], itemsize: int) -> int:
         """Bytes the validated tensors take in the host tier at the compute dtype."""
@@ -104,12 +124,17 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: missing {CONFIG_FILE}")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterError(f"{path}: {CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+    return parse_config(str(path), config_path.read_bytes())
+
+
+def parse_config(where: str, raw: bytes) -> dict[str, Any]:
+    """adapter_config.json's bytes as a dict (a directory's file or a downloaded object)."""
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: {CONFIG_FILE} is not valid JSON: {e}") from None
+        raise AdapterError(f"{where}: {CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
-        raise AdapterError(f"{path}: {CONFIG_FILE} must hold a JSON object")
+        raise AdapterError(f"{where}: {CONFIG_FILE} must hold a JSON object")
     return config
 
 
@@ -135,6 +160,22 @@ def hash_adapter_files(directory: Path) -> str:
     return content_hash(_chunks(Path(directory) / name) for name in ADAPTER_FILES)
 
 
+def read_adapter_files(spec: AdapterSpec) -> tuple[bytes, bytes]:
+    """The config and weights bytes of a registered adapter, checked against its registration
+    (the loader thread's read): AdapterError if they changed since."""
+    if spec.remote is not None:
+        return spec.remote.read()
+    path = spec.path
+    try:
+        config_bytes = (path / CONFIG_FILE).read_bytes()
+        data = (path / WEIGHTS_FILE).read_bytes()
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read the adapter files: {e}") from None
+    if content_hash([[config_bytes], [data]]) != spec.content_hash:
+        raise AdapterError(f"{path}: the files changed on disk since the adapter was registered; load it again")
+    return config_bytes, data
+
+
 def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) -> AdapterSpec:
     """Check an adapter directory against the base: config and tensor shapes (no tensor data is read)."""
     path = Path(path)
@@ -150,22 +191,31 @@ def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) ->
                 "re-save the adapter with safe_serialization=True"
             )
         raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
+    header = _read_header(weights)
+    return build_spec(path, str(path), config, header, layers, max_rank, hash_adapter_files(path))
 
+
+def build_spec(
+    path: Path, where: str, config: Mapping[str, Any], header: dict[str, Any], layers: Mapping[str, BaseLayerInfo],
+    max_rank: int, content_hash: str, remote: RemoteFiles | None = None,
+) -> AdapterSpec:
+    """Check a parsed config and safetensors header against the base (a directory's or a remote
+    source's); `where` names the adapter in messages."""
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise AdapterError(f"{path}: peft_type {peft_type} is not LoRA")
+        raise AdapterError(f"{where}: peft_type {peft_type} is not LoRA")
     for key, (off, message) in _UNSUPPORTED_FIELDS.items():
         value = config.get(key, off)
         if value not in (off, None, False, [], {}):
-            raise AdapterError(f"{path}: {message}")
+            raise AdapterError(f"{where}: {message}")
     if config.get("modules_to_save"):
         raise AdapterError(
-            f"{path}: modules_to_save ({config['modules_to_save']}) is not supported: "
+            f"{where}: modules_to_save ({config['modules_to_save']}) is not supported: "
             "it replaces whole base modules per adapter"
         )
     bias = config.get("bias", "none")
     if bias != "none":
-        raise AdapterError(f"{path}: bias={bias!r} is not supported (only 'none')")
+        raise AdapterError(f"{where}: bias={bias!r} is not supported (only 'none')")
 
     try:
         rank = int(config.get("r", 8))
@@ -173,21 +223,20 @@ def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) ->
         rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
         alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
     except (TypeError, ValueError) as e:
-        raise AdapterError(f"{path}: bad r / lora_alpha / rank_pattern / alpha_pattern: {e}") from None
+        raise AdapterError(f"{where}: bad r / lora_alpha / rank_pattern / alpha_pattern: {e}") from None
     if min([rank, *rank_pattern.values()]) < 1:
-        raise AdapterError(f"{path}: rank must be >= 1")
+        raise AdapterError(f"{where}: rank must be >= 1")
 
     targets = config.get("target_modules") or ()
     target_modules: tuple[str, ...] | str = targets if isinstance(targets, str) else tuple(targets)
     for name in (target_modules,) if isinstance(target_modules, str) else target_modules:
         if name in ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings"):
-            raise AdapterError(f"{path}: target module {name!r} (embedding / lm_head) is not supported")
+            raise AdapterError(f"{where}: target module {name!r} (embedding / lm_head) is not supported")
 
-    header = _read_header(weights)
-    _check_target_names(path, target_modules, layers)
-    module_ranks = _check_tensors(path, header, config, rank_pattern, layers)
+    _check_target_names(where, target_modules, layers)
+    module_ranks = _check_tensors(where, header, config, rank_pattern, layers)
     if max(module_ranks.values()) > max_rank:
-        raise AdapterError(f"{path}: rank {max(module_ranks.values())} is above max_lora_rank {max_rank}")
+        raise AdapterError(f"{where}: rank {max(module_ranks.values())} is above max_lora_rank {max_rank}")
     return AdapterSpec(
         path=path,
         rank=max(module_ranks.values()),
@@ -196,8 +245,9 @@ def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) ->
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         target_modules=target_modules,
-        content_hash=hash_adapter_files(path),
+        content_hash=content_hash,
         module_ranks=module_ranks,
+        remote=remote,
     )
 
 
@@ -206,72 +256,89 @@ LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lor
 _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
+MAX_HEADER_BYTES = 100 << 20
+
+
 def _read_header(path: Path) -> dict[str, Any]:
     """The safetensors header: tensor names, dtypes and shapes, without reading the data."""
     try:
         with path.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            if not 0 < size <= 100 << 20:
-                raise AdapterError(f"{path}: not a safetensors file (header size {size})")
-            header = json.loads(fh.read(size))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            size = header_size(str(path), fh.read(8))
+            return parse_header(str(path), fh.read(size))
+    except OSError as e:
         raise AdapterError(f"{path}: cannot read the safetensors header: {e}") from None
+
+
+def header_size(where: str, first8: bytes) -> int:
+    """The header length a safetensors file's first 8 bytes give (little-endian u64)."""
+    size = int.from_bytes(first8, "little") if len(first8) == 8 else 0
+    if not 0 < size <= MAX_HEADER_BYTES:
+        raise AdapterError(f"{where}: not a safetensors file (header size {size})")
+    return size
+
+
+def parse_header(where: str, raw: bytes) -> dict[str, Any]:
+    """A safetensors header's JSON (the bytes after the 8-byte length), metadata dropped."""
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{where}: cannot read the safetensors header: {e}") from None
     if not isinstance(header, dict):
-        raise AdapterError(f"{path}: malformed safetensors header")
+        raise AdapterError(f"{where}: malformed safetensors header")
     header.pop("__metadata__", None)
     return header
 
 
 def _check_tensors(
-    path: Path, header: Mapping[str, Any], config: Mapping[str, Any], rank_pattern: Mapping[str, int],
+    where: str, header: Mapping[str, Any], config: Mapping[str, Any], rank_pattern: Mapping[str, int],
     layers: Mapping[str, BaseLayerInfo],
 ) -> dict[str, int]:
     """Check every tensor against the base's layers; return module name -> rank."""
     pairs: dict[str, dict[str, tuple[str, list[int]]]] = {}
     for key, info in header.items():
         if "lora_magnitude_vector" in key:
-            raise AdapterError(f"{path}: DoRA weights ({key}) are not supported")
+            raise AdapterError(f"{where}: DoRA weights ({key}) are not supported")
         if "lora_embedding_" in key:
-            raise AdapterError(f"{path}: embedding LoRA ({key}) is not supported")
+            raise AdapterError(f"{where}: embedding LoRA ({key}) is not supported")
         match = LORA_KEY_RE.match(key)
         if match is None:
-            raise AdapterError(f"{path}: unexpected tensor {key!r} (only lora_A / lora_B weights are served)")
+            raise AdapterError(f"{where}: unexpected tensor {key!r} (only lora_A / lora_B weights are served)")
         module, kind = match["module"], match["kind"]
         if module.split(".")[-1] in ("lm_head", "embed_tokens"):
-            raise AdapterError(f"{path}: target {module!r} (embedding / lm_head) is not supported")
+            raise AdapterError(f"{where}: target {module!r} (embedding / lm_head) is not supported")
         if not isinstance(info, dict) or info.get("dtype") not in _FLOAT_DTYPES:
-            raise AdapterError(f"{path}: {key}: LoRA weights must be F32, F16 or BF16")
+            raise AdapterError(f"{where}: {key}: LoRA weights must be F32, F16 or BF16")
         pairs.setdefault(module, {})[kind] = (info["dtype"], list(info.get("shape", [])))
     if not pairs:
-        raise AdapterError(f"{path}: {WEIGHTS_FILE} holds no LoRA weights")
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
 
     ranks: dict[str, int] = {}
     default_r = int(config.get("r", 8))
     for module, pair in sorted(pairs.items()):
         layer = layers.get(module)
         if layer is None:
-            raise AdapterError(f"{path}: targets {module!r}, which the base model does not have as a linear layer")
+            raise AdapterError(f"{where}: targets {module!r}, which the base model does not have as a linear layer")
         if set(pair) != {"lora_A", "lora_B"}:
-            raise AdapterError(f"{path}: {module} has {sorted(pair)} but needs both lora_A and lora_B")
+            raise AdapterError(f"{where}: {module} has {sorted(pair)} but needs both lora_A and lora_B")
         a, b = pair["lora_A"][1], pair["lora_B"][1]
         r = rank_pattern.get(_pattern_key(rank_pattern, module), default_r)
         if a != [r, layer.in_features] or b != [layer.out_features, r]:
             raise AdapterError(
-                f"{path}: {module}: shapes lora_A {a}, lora_B {b} do not fit the base layer "
+                f"{where}: {module}: shapes lora_A {a}, lora_B {b} do not fit the base layer "
                 f"[out={layer.out_features}, in={layer.in_features}] at rank {r}"
             )
         ranks[module] = r
     return ranks
 
 
-def _check_target_names(path: Path, targets: tuple[str, ...] | str, layers: Mapping[str, BaseLayerInfo]) -> None:
+def _check_target_names(where: str, targets: tuple[str, ...] | str, layers: Mapping[str, BaseLayerInfo]) -> None:
     """Every named target must exist in the base (PEFT matches on the last name parts)."""
     if isinstance(targets, str):
         if targets == "all-linear":
             return
         if not any(re.fullmatch(targets, name) for name in layers):
-            raise AdapterError(f"{path}: target_modules pattern {targets!r} matches no linear layer of the base")
+            raise AdapterError(f"{where}: target_modules pattern {targets!r} matches no linear layer of the base")
         return
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in layers):
-            raise AdapterError(f"{path}: target module {target!r} is not a linear layer of the base model")
+            raise AdapterError(f"{where}: target module {target!r} is not a linear layer of the base model")

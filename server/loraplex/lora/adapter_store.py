@@ -14,6 +14,10 @@
 - `pin` keeps an adapter resident in the host and device tiers.
 - Disk reads happen only on the loader thread (adapter_loader.py), oldest need first, within
   the host budget.
+- A root may be `s3://bucket/prefix` (s3_source.py): registration then reads the config and
+  the safetensors header from S3, and the loader thread downloads the files into a cache under
+  the first local root. LoadAdapter may name `s3://...` under such a root; auto-register looks
+  for `<id>/adapter_config.json` under each root, local ones first.
 
 No torch here: reading tensors and writing slots are injected (`load_fn`, `slots`).
 """
@@ -28,6 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loraplex.lora import s3_source
 from loraplex.lora.adapter_loader import AdapterLoader
 from loraplex.lora.adapter_spec import AdapterError, AdapterSpec, BaseLayerInfo, read_spec
 from loraplex.lora.adapter_version import (
@@ -69,7 +74,8 @@ class AdapterStore:
         self.max_rank = max_rank
         self.host_budget = host_budget
         self.itemsize = itemsize
-        self.roots = tuple(Path(r).resolve() for r in adapter_roots)
+        self.roots = tuple(Path(r).resolve() for r in adapter_roots if not s3_source.is_s3_uri(r))
+        self.s3_roots = tuple(s3_source.parse_s3_uri(r) for r in adapter_roots if s3_source.is_s3_uri(r))
         self.auto_register = auto_register
         self.listener = listener
         self.on_ready = on_ready or (lambda: None)
@@ -92,8 +98,7 @@ class AdapterStore:
     def register(self, adapter_id: str, path: str | Path, *, pin: bool = False, relative_only: bool = False) -> AdapterVersion:
         """Register (or re-register) an adapter. Validates config and tensor shapes now."""
         check_adapter_id(adapter_id)
-        resolved = resolve_adapter_path(self.roots, path, relative_only=relative_only)
-        spec = read_spec(resolved, self.layers, self.max_rank)
+        spec = self._read_spec(path, relative_only)
         host_bytes = spec.host_bytes(self.layers, self.itemsize)
         if host_bytes > self.host_budget:
             raise AdapterError(
@@ -119,8 +124,28 @@ class AdapterStore:
             self._count(Tier.REGISTERED, "registrations")
             if pin:
                 self._set_pin(version, True)
-            log.info("registered adapter %s v%d (%s, rank %d)", adapter_id, version.version, resolved, spec.rank)
+            log.info("registered adapter %s v%d (%s, rank %d)", adapter_id, version.version, spec.location, spec.rank)
             return version
+
+    def _read_spec(self, path: str | Path, relative_only: bool) -> AdapterSpec:
+        """Check the adapter at `path`: a directory under a local root, or an s3:// location."""
+        location = self._s3_location(path, relative_only)
+        if location is None:
+            resolved = resolve_adapter_path(self.roots, path, relative_only=relative_only)
+            return read_spec(resolved, self.layers, self.max_rank)
+        if not self.roots:
+            raise AdapterError(f"{location.uri}: s3:// adapters need a local adapter root for their download cache")
+        return s3_source.read_spec(location, self.layers, self.max_rank, self.roots[0] / s3_source.CACHE_DIR)
+
+    def _s3_location(self, path: str | Path, relative_only: bool) -> s3_source.S3Location | None:
+        def found_locally() -> bool:  # local roots come first
+            try:
+                resolve_adapter_path(self.roots, path, relative_only=relative_only)
+            except AdapterNotFoundError:
+                return False
+            return True
+
+        return s3_source.locate(path, self.s3_roots, found_locally if self.roots else lambda: False)
 
     def unregister(self, adapter_id: str) -> AdapterVersion:
         """Forget an id. Requests holding it keep their version until they end."""
@@ -140,11 +165,14 @@ class AdapterStore:
         version = self.lookup(adapter_id)
         if version is not None:
             return version
-        if self.auto_register and self.roots and adapter_id_problem(adapter_id) is None:
+        if self.auto_register and adapter_id_problem(adapter_id) is None:
             for root in self.roots:
                 candidate = root / adapter_id
                 if candidate.is_dir():
                     return self.register(adapter_id, adapter_id, relative_only=True)
+            location = s3_source.find(adapter_id, self.s3_roots)
+            if location is not None:
+                return self.register(adapter_id, location.uri)
         raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
 
     def _check_pin_room(self, exclude: AdapterVersion | None) -> None:

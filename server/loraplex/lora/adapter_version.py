@@ -79,7 +79,7 @@ class AdapterVersion:
         return AdapterInfo(
             adapter_id=self.adapter_id,
             version=self.version,
-            path=str(self.spec.path),
+            path=self.spec.location,
             tier=self.tier.value,
             rank=self.spec.rank,
             target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in self.spec.module_ranks})),

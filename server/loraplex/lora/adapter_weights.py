@@ -3,8 +3,9 @@
     AdapterSpec (adapter_spec.py) ──load_weights──> AdapterWeights: per module A [r, d_in] and
                                                     Bᵀ [r, d_out] with PEFT's scale folded in
 
-Runs on the adapter store's loader thread (injected as the store's `load_fn`). The bytes read
-are checked against the spec's content hash, so files changed after registration are refused.
+Runs on the adapter store's loader thread (injected as the store's `load_fn`). The bytes come
+from `read_adapter_files`, which checks them against the registration (the content hash of a
+directory, the object ETags of an s3:// adapter), so files changed since are refused.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from loraplex.lora.adapter_spec import (
-    CONFIG_FILE,
     LORA_KEY_RE,
     WEIGHTS_FILE,
     AdapterError,
     AdapterSpec,
-    content_hash,
+    read_adapter_files,
 )
 
 
@@ -42,14 +42,8 @@ class AdapterWeights:
 
 def load_weights(spec: AdapterSpec, dtype: torch.dtype, pin_memory: bool = False) -> AdapterWeights:
     """Read the tensors of a checked adapter, fold PEFT's scale into B and cast once."""
-    path = spec.path
-    try:
-        config_bytes = (path / CONFIG_FILE).read_bytes()
-        data = (path / WEIGHTS_FILE).read_bytes()
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot read the adapter files: {e}") from None
-    if content_hash([[config_bytes], [data]]) != spec.content_hash:
-        raise AdapterError(f"{path}: the files changed on disk since the adapter was registered; load it again")
+    path = spec.location
+    _, data = read_adapter_files(spec)
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, RuntimeError) as e:
