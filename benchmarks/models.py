@@ -105,6 +105,37 @@ def make_adapters(
     return base, ids
 
 
+def make_adapter_set(
+    shape: ModelShape, name: str, ranks: list[int], targets: tuple[str, ...] = ALL_LINEAR, root: Path = CACHE,
+) -> tuple[Path, list[str]]:
+    """One PEFT directory per rank in `ranks` (ids `name/aNNNN-rR`) under one root; reused when present."""
+    base = root / f"{shape.name}-adapter-sets"
+    shapes = shape.module_shapes()
+    ids = []
+    for i, rank in enumerate(ranks):
+        adapter_id = f"{name}/a{i:04d}-r{rank}"
+        ids.append(adapter_id)
+        path = base / adapter_id
+        if (path / "adapter_model.safetensors").is_file():
+            continue
+        g = torch.Generator().manual_seed(2000 + i)
+        tensors = {}
+        for layer in range(shape.num_hidden_layers):
+            for module in targets:
+                d_in, d_out = shapes[module]
+                key = f"base_model.model.model.layers.{layer}.{'self_attn' if module in ATTENTION else 'mlp'}.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * d_in**-0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
+        _save_peft_dir(path, tensors, rank, targets)
+    return base, ids
+
+
+def adapter_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...] = ALL_LINEAR, itemsize: int = 4) -> int:
+    """Bytes of one adapter's A and B at its own rank: what a decode step reads for it."""
+    shapes = shape.module_shapes()
+    return shape.num_hidden_layers * sum(rank * (shapes[m][0] + shapes[m][1]) for m in targets) * itemsize
+
+
 def _save_peft_dir(path: Path, tensors: dict[str, torch.Tensor], rank: int, targets: tuple[str, ...]) -> None:
     from safetensors.torch import save_file
 

@@ -57,24 +57,24 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def write(name: str, title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], summary: dict[str, Any],
-          plot: tuple[str, str] | None = None, notes: str = "") -> Path:
+          plot: tuple[str, str] | None = None, notes: str = "", results: Path = RESULTS) -> Path:
     """Print and save results/<name>.{json,md,png}; plot = (label column, value column)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     env = environment()
     text = table(rows, columns)
     print(f"\n{title}\n\n{text}\n")
     for key, value in summary.items():
         print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"title": title, "environment": env, "summary": summary, "rows": list(rows)}, indent=2))
+    (results / f"{name}.json").write_text(json.dumps({"title": title, "environment": env, "summary": summary, "rows": list(rows)}, indent=2))
     md = [f"# {title}", "", f"{env['date']}, commit {env['commit']}, {env['machine']}, {env['cpu_threads']} threads, torch {env['torch']}"
           + (f", {env['cuda']}" if env["cuda"] else ""), "", text, ""]
     md += [f"- **{k}**: {v:.3f}" if isinstance(v, float) else f"- **{k}**: {v}" for k, v in summary.items()]
     if notes:
         md += ["", notes]
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    (results / f"{name}.md").write_text("\n".join(md) + "\n")
     if plot is not None:
-        _plot(RESULTS / f"{name}.png", title, rows, *plot)
-    return RESULTS / f"{name}.json"
+        _plot(results / f"{name}.png", title, rows, *plot)
+    return results / f"{name}.json"
 
 
 def _plot(path: Path, title: str, rows: Sequence[dict[str, Any]], label: str, value: str) -> None:

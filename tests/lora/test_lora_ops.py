@@ -111,3 +111,61 @@ def test_shrink_multi_matches_per_token_loop(form: str, all_targeted: bool) -> N
         kept = [s if views[p][max(s, 0)] is not None else -1 for s in token_slot]
         expected = base.double() + per_token_lora(x, pool[:, p], bs[p], kept, ranks)
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def _decode_case(ranks: list[int], max_rank: int, seed: int, past_rank: float) -> tuple:
+    """One token per slot, slots 0..n-1 in order (a decode step of distinct adapters); the
+    pool holds `past_rank` in the rows past each adapter's rank."""
+    g = torch.Generator().manual_seed(seed)
+    n, d_in, d_out = len(ranks), 64, 96
+    a = torch.full((n, max_rank, d_in), past_rank)
+    b = torch.full((n, max_rank, d_out), past_rank)
+    for s, r in enumerate(ranks):
+        a[s, :r] = torch.randn(r, d_in, generator=g)
+        b[s, :r] = torch.randn(r, d_out, generator=g)
+    return torch.randn(n, d_in, generator=g), a, b, [(s, 1) for s in range(n)], list(range(n))
+
+
+def test_decode_of_equal_ranks_reads_only_their_rows_in_one_band() -> None:
+    """Rank 8 adapters in a rank-64 pool: one bmm over A[0:6, :8]; NaN past rank 8 proves no more is read."""
+    ranks = [8] * 6
+    x, a, b, runs, token_slot = _decode_case(ranks, 64, seed=11, past_rank=float("nan"))
+    backend = TorchLora(torch.float32, CPU)
+    batch = backend.prepare(runs, ranks, 64, len(runs))
+    (band,) = batch.bands[batch.slots]
+    assert (band.slot, band.count, band.length, band.rank, band.pad) == (0, 6, 1, 8, 0)
+    y = torch.zeros(len(runs), b.shape[-1])
+    apply_lora(backend, y, x, a, b, batch)
+    torch.testing.assert_close(y.double(), per_token_lora(x, a, b, token_slot, ranks), rtol=1e-5, atol=1e-4)
+
+
+def test_mixed_ranks_split_into_bands_when_padding_costs_more_than_a_launch() -> None:
+    ranks = [4, 8, 8, 64, 64, 16, 4, 4]
+    x, a, b, runs, token_slot = _decode_case(ranks, 64, seed=12, past_rank=0.0)  # the pool's zeros past rank
+    backend = TorchLora(torch.float32, CPU)
+    batch = backend.prepare(runs, ranks, 64, len(runs))
+    bands = [(bd.slot, bd.count, bd.rank) for bd in batch.bands[batch.slots]]
+    # zero rows read: 4 (a rank 4 at 8), 0, 12 (a rank 4 at 16); one more rank 4 would pass PAD_ROWS (16)
+    assert bands == [(0, 3, 8), (3, 2, 64), (5, 2, 16), (7, 1, 4)]
+    y = torch.zeros(len(runs), b.shape[-1])
+    apply_lora(backend, y, x, a, b, batch)
+    torch.testing.assert_close(y.double(), per_token_lora(x, a, b, token_slot, ranks), rtol=1e-5, atol=1e-4)
+
+
+def test_segment_form_reads_only_each_adapters_rank() -> None:
+    """Long (prefill) segments: one mm per segment on the rank view; NaN past rank is never read."""
+    ranks = [4, 16, 1]
+    g = torch.Generator().manual_seed(13)
+    a = torch.full((3, 32, 40), float("nan"))
+    b = torch.full((3, 32, 24), float("nan"))
+    for s, r in enumerate(ranks):
+        a[s, :r], b[s, :r] = torch.randn(r, 40, generator=g), torch.randn(r, 24, generator=g)
+    runs = [(-1, 5), (0, 70), (1, 90), (2, 65)]
+    token_slot = [slot for slot, n in runs for _ in range(n)]
+    x = torch.randn(len(token_slot), 40, generator=g)
+    backend = TorchLora(torch.float32, CPU)
+    batch = backend.prepare(runs, ranks, 32, len(token_slot))
+    assert [(bd.count, bd.rank) for bd in batch.bands[batch.slots]] == [(1, 4), (1, 16), (1, 1)]
+    y = torch.zeros(len(token_slot), 24)
+    apply_lora(backend, y, x, a, b, batch)
+    torch.testing.assert_close(y.double(), per_token_lora(x, a, b, token_slot, ranks), rtol=1e-5, atol=1e-4)

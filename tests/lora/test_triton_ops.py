@@ -48,14 +48,16 @@ class Case:
     split_k: int | None = None
     stacked: bool = True  # multi-projection: A pools stacked [P, ...] or a list
     via_backend: bool = False  # through TritonLora's shrink / expand, as the LoRA layers call them
+    mixed: tuple[int, ...] = ()  # the used slots' ranks, in turn (mixed ranks in one step); rank: the pool's r_max
 
     @property
     def id(self) -> str:
         proj = f"-p{len(self.d_outs)}{'s' if self.stacked else 'l'}" if len(self.d_outs) > 1 else ""
         split = f"-k{self.split_k}" if self.split_k is not None else ""
         via = "-backend" if self.via_backend else ""
+        mixed = f"-mixed{'.'.join(map(str, self.mixed))}" if self.mixed else ""
         shape = f"{self.d_in}x{self.d_outs[0]}"
-        return f"t{self.num_tokens}-a{self.num_adapters}-r{self.rank}-{self.dtype}-{shape}{proj}{split}{via}"
+        return f"t{self.num_tokens}-a{self.num_adapters}-r{self.rank}-{self.dtype}-{shape}{proj}{split}{via}{mixed}"
 
 
 def _grid(tokens: list[int], ranks: list[int], dtypes: list[str], max_adapters: int = 1 << 30, **kw: Any) -> list[Case]:
@@ -81,6 +83,12 @@ INTERPRET_CASES = [
     Case(8, 8, 16, "bf16", d_outs=(300, 100, 100), stacked=False),  # list of pools (pointer table)
     Case(64, 3, 64, "fp32", d_outs=(256, 256), stacked=False, split_k=2),  # gate/up
     Case(40, 5, 16, "bf16", via_backend=True),
+    # mixed ranks in one step, in a rank-64 pool: each segment at its own rank (NaN past it)
+    Case(8, 8, 64, "fp32", mixed=(4, 64, 16, 8, 1, 32)),  # decode: one token per adapter
+    Case(8, 4, 64, "bf16", mixed=(64, 4)),
+    Case(96, 4, 64, "fp32", mixed=(8, 64, 1, 24), split_k=2),
+    Case(16, 4, 64, "fp32", d_outs=(300, 100, 100), mixed=(4, 64, 16, 8)),  # q/k/v
+    Case(24, 6, 64, "bf16", via_backend=True, mixed=(16, 4, 64)),
 ]
 # Llama-7B projection shapes at decode and prefill, through the layers' entry point.
 CUDA_CASES += [
@@ -97,7 +105,10 @@ def _make(case: Case, device: torch.device, seed: int = 0) -> dict[str, Any]:
     num_slots = case.num_adapters + 2  # two slots no segment uses
     used = sorted(rng.sample(range(num_slots), case.num_adapters))
     slot_ranks = [case.rank] * num_slots
-    if case.num_adapters > 1:
+    if case.mixed:
+        for i, s in enumerate(used):
+            slot_ranks[s] = case.mixed[i % len(case.mixed)]
+    elif case.num_adapters > 1:
         slot_ranks[used[0]] = max(1, case.rank // 2 - 1)
     # tokens per adapter (each >= 1), one contiguous run per slot in slot order, as the model
     # runner packs them; base-model runs (slot -1) at random places, the kernels must skip them
@@ -178,6 +189,15 @@ def test_build_triton_batch_holds_the_segment_table() -> None:
         build_triton_batch([], 4, torch.device("cpu"))
 
 
+def test_rank_tile_follows_the_smallest_rank_of_the_step() -> None:
+    """Mixed ranks: tiles of the smallest rank, so a rank-4 segment runs one tile of 16, a rank-64 one four."""
+    from loraplex.lora.triton_ops import _block_r
+
+    tb = build_triton_batch(token_segments([(0, 1), (1, 1), (2, 1)], [4, 64, 16], 3), 3, torch.device("cpu"))
+    assert (tb.min_rank, tb.max_rank) == (4, 64)
+    assert _block_r(tb.min_rank) == 16 and _block_r(64) == 64 and _block_r(24) == 32
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter accepts CPU tensors")
 def test_kernels_refuse_cpu_tensors_with_a_reason() -> None:
     from loraplex.lora import triton_ops
@@ -199,7 +219,7 @@ def test_kernels_match_reference_on_cuda(case: Case) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("case", [c for c in INTERPRET_CASES if len(c.d_outs) > 1 or c.split_k], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in INTERPRET_CASES if len(c.d_outs) > 1 or c.split_k or c.mixed], ids=lambda c: c.id)
 def test_fused_and_split_k_paths_on_cuda(case: Case) -> None:
     run_case(case, torch.device("cuda"))
 

@@ -4,7 +4,9 @@
              └──── shrink ─────┘  └─ expand ─┘
 
 A: [slots, r_max, d_in], Bᵀ: [slots, r_max, d_out] with the adapter's scale folded in;
-rows past an adapter's rank, and layers it does not target, hold zeros. The step's tokens
+rows past an adapter's rank, and layers it does not target, hold zeros (so a backend may read
+a few padded rows when that saves a launch, never needs to). `--max-lora-rank` (r_max) only
+bounds what may be loaded: backends read each adapter at its own rank. The step's tokens
 are packed with the requests ordered by adapter slot, so the tokens of one adapter form one
 contiguous segment.
 
@@ -46,6 +48,11 @@ class LoraBatch:
 
     num_tokens: int = 0
     segments: list[Segment] = field(default_factory=list)
+    slots: int = 0  # bit s set: slot s has tokens in this step
+
+    def targeted(self, layer: LayerPool) -> int:
+        """The step's slots whose adapter targets `layer` (a bitmask; 0: nothing to add)."""
+        return self.slots & layer.targets
 
 
 EMPTY_BATCH = LoraBatch()
@@ -65,6 +72,14 @@ def token_segments(token_runs: list[tuple[int, int]], slot_ranks: list[int], num
     if start != num_tokens:
         raise ValueError(f"token runs cover {start} tokens, the batch has {num_tokens}")
     return segments
+
+
+def slot_mask(segments: list[Segment]) -> int:
+    """Bit s set for every slot with tokens in `segments`."""
+    mask = 0
+    for s in segments:
+        mask |= 1 << s.slot
+    return mask
 
 
 # Per-slot views of one layer's pool: (Aᵀ [d_in, rank], Bᵀ [rank, d_out]) over the rank the
@@ -88,6 +103,13 @@ class LayerPool(Protocol):
     @property
     def views(self) -> SlotViews: ...
 
+    @property
+    def targets(self) -> int: ...  # bit s set: slot s holds an adapter that targets this layer
+
+
+def targets_mask(views: SlotViews) -> int:
+    return sum(1 << s for s, v in enumerate(views) if v is not None)
+
 
 @dataclass(frozen=True, slots=True)
 class PoolSlice:
@@ -96,6 +118,10 @@ class PoolSlice:
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     views: SlotViews
+
+    @property
+    def targets(self) -> int:
+        return targets_mask(self.views)
 
 
 B = TypeVar("B", bound=LoraBatch)

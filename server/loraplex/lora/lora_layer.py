@@ -26,7 +26,7 @@ from torch import nn
 from loraplex.lora.adapter_spec import BaseLayerInfo
 from loraplex.lora.adapter_weights import AdapterWeights
 from loraplex.lora.backends import select_lora_backend
-from loraplex.lora.lora_backend import EMPTY_BATCH, LoraBackend, LoraBatch, SlotViews
+from loraplex.lora.lora_backend import EMPTY_BATCH, LoraBackend, LoraBatch, SlotViews, targets_mask
 
 # The projections of Llama / Mistral / Qwen2-style blocks; other linear layers inside the
 # decoder blocks are wrapped too (PEFT's "all-linear" also takes every linear but lm_head).
@@ -66,6 +66,7 @@ class LoraLinear(nn.Module):
         self.lora_a: torch.Tensor
         self.lora_b: torch.Tensor
         self.views: SlotViews = [None] * max_loras
+        self.targets = 0  # bit s set: the adapter in slot s targets this layer (views[s] is not None)
         self.group: ProjectionGroup | None = None
         self.group_index = 0
 
@@ -202,6 +203,7 @@ class LoraModel:
             module = weights.modules.get(name)
             # Views over this layer's own rank; None where the adapter does not target the layer.
             layer.views[slot] = None if module is None else (layer.lora_a[slot, : module.a.shape[0]].t(), layer.lora_b[slot, : module.a.shape[0]])
+            layer.targets = targets_mask(layer.views)
 
     def __iter__(self) -> Iterator[LoraLinear]:
         return iter(self.layers.values())

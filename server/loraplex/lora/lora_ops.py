@@ -1,41 +1,82 @@
-"""The torch LoRA backend (CPU and CUDA): the grouped LoRA op in two forms, and the reference.
+"""The torch LoRA backend (CPU and CUDA): the grouped LoRA op on each adapter's own rank.
 
-The op and the interface are in lora_backend.py. Two torch forms compute the same thing:
+The op and the interface are in lora_backend.py. Every matmul reads an adapter's A and Bᵀ
+through rank-trimmed views of the pool (A[slot, :rank]), so a rank-8 adapter costs rank 8
+whatever `--max-lora-rank` is. The step's segments are grouped into *bands*, once per step
+(in `prepare`), and each band is one GEMM:
 
-- segments (SGMV-like): one shrink + expand per segment on views, no gather. Best when
-  segments are long (prefill).
-- dense: shrink every token against the stacked A of all slots in use, zero the blocks of
-  other slots with a per-step mask, expand against the stacked Bᵀ. Two matmuls per layer
-  whatever the number of adapters; the extra compute is T·n_slots·r, tiny at decode.
+    band = segments of adjacent slots (s, s+1, ...) with the same number of tokens L
+    shrink  v[n, L, r] = x[band].view(n, L, d_in) @ A[s:s+n, :r]ᵀ        (bmm; mm when n = 1)
+    expand  y[band].view(n, L, d_out) += v @ Bᵀ[s:s+n, :r]               (baddbmm; addmm)
 
-`prepare` picks the form once per step (and builds the dense mask once); a layer that some
-adapter of the step does not target takes the segment form over the segments it serves, so
-an adapter on q and v costs nothing in the other layers. Siblings fed one input (q/k/v,
-gate/up) share one shrink (`shrink_multi`: one GEMM streams the weights ~30% faster than P
-small ones) when every adapter of the step targets all of them; otherwise each shrinks alone.
+r is the band's largest rank: slots of different ranks join a band only while the zero rows
+read for the smaller ones stay under PAD_ROWS (reading a few zeros is cheaper than a launch).
+At decode every segment is one token, so a batch of distinct adapters in adjacent slots is
+one bmm per layer: the adapters' bytes read once, no FLOP spent on another adapter's rows
+(the dense masked form this replaced multiplied every token by every slot's A).
+
+Two forms, picked once per step:
+- stacked (`batch.dense`, kept as the name the tests know): bands as above, while tokens ×
+  slots in use stays under `dense_max_token_slots` (decode and short chunks).
+- segments: one band per segment (mm / addmm on views), for long prefill segments.
+
+A layer that some adapter of the step does not target gets its own bands over the segments
+it serves (cached per step by the layer's target mask), so an adapter on q and v costs
+nothing in the other layers. Siblings fed one input (q/k/v, gate/up) share one shrink
+(`shrink_multi`: one bmm over [slots × P] weight matrices) when every adapter of the step
+targets all of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from loraplex.lora.lora_backend import LayerPool, LoraBatch, Segment, token_segments
+from loraplex.lora.lora_backend import LayerPool, LoraBatch, Segment, slot_mask, token_segments
 
-# Dense form while tokens × slots in use stays below this (tuned on the CPU bench model).
-DENSE_MAX_TOKEN_SLOTS = 2048
+# Stacked form while tokens × slots in use stays below this (prefill-sized steps: segments).
+DENSE_MAX_TOKEN_SLOTS = 4096
+# Zero rows (summed over a band's slots) a band may read to save a launch: ~one launch's time
+# of streaming at d_in = 1024, fp32, on the CPU.
+PAD_ROWS = 16
 
-# A shrink result: dense [T, n_slots * r_max] (masked), or per segment its tokens' [len, rank].
-TorchShrunk = torch.Tensor | list[tuple[Segment, torch.Tensor]]
+
+@dataclass(slots=True)
+class Band:
+    start: int  # first token
+    end: int
+    slot: int  # first slot; the band covers slots [slot, slot + count)
+    count: int
+    length: int  # tokens per slot
+    rank: int  # rows read per slot: the band's largest rank
+    pad: int = 0  # zero rows read beyond the slots' own ranks
+
+
+def plan_bands(segments: Sequence[Segment], stacked: bool) -> list[Band]:
+    bands: list[Band] = []
+    for s in segments:
+        length = s.end - s.start
+        last = bands[-1] if bands else None
+        if stacked and last is not None and last.slot + last.count == s.slot and last.end == s.start and last.length == length:
+            rank = max(last.rank, s.rank)
+            pad = last.pad + (rank - last.rank) * last.count + (rank - s.rank)
+            if pad <= PAD_ROWS:
+                last.count, last.end, last.rank, last.pad = last.count + 1, s.end, rank, pad
+                continue
+        bands.append(Band(s.start, s.end, s.slot, 1, length, s.rank))
+    return bands
+
+
+# A shrink result: the bands it was computed for, and per band v [count, length, rank].
+TorchShrunk = tuple[list[Band], list[torch.Tensor]]
 
 
 @dataclass(slots=True)
 class TorchBatch(LoraBatch):
-    dense: bool = False
-    num_slots: int = 0  # dense: slots [0, num_slots) are stacked
-    token_mask: torch.Tensor | None = None  # dense: [T, num_slots * r_max], 1 on the token's slot block
+    dense: bool = False  # the stacked form (bands across slots), see the module note
+    bands: dict[int, list[Band]] = field(default_factory=dict)  # targeted slot mask -> bands
 
 
 class TorchLora:
@@ -48,66 +89,60 @@ class TorchLora:
 
     def prepare(self, token_runs: list[tuple[int, int]], slot_ranks: list[int], max_rank: int, num_tokens: int) -> TorchBatch:
         segments = token_segments(token_runs, slot_ranks, num_tokens)
-        batch = TorchBatch(num_tokens=num_tokens, segments=segments)
-        if not segments:
-            return batch
-        num_slots = max(s.slot for s in segments) + 1
-        if len(segments) > 1 and num_tokens * num_slots <= self.dense_max_token_slots:
-            mask = torch.zeros(num_tokens, num_slots, max_rank, dtype=self.dtype)
-            for s in segments:
-                mask[s.start : s.end, s.slot, : s.rank] = 1
-            batch.dense = True
-            batch.num_slots = num_slots
-            batch.token_mask = mask.view(num_tokens, num_slots * max_rank).to(self.device)
+        batch = TorchBatch(num_tokens=num_tokens, segments=segments, slots=slot_mask(segments))
+        if segments:
+            num_slots = max(s.slot for s in segments) - min(s.slot for s in segments) + 1
+            batch.dense = len(segments) > 1 and num_tokens * num_slots <= self.dense_max_token_slots
+            batch.bands[batch.slots] = plan_bands(segments, batch.dense)
         return batch
 
+    def _bands(self, layer: LayerPool, batch: TorchBatch) -> list[Band]:
+        """The step's bands over the segments whose adapter targets this layer (built once per mask)."""
+        mask = batch.slots & layer.targets
+        bands = batch.bands.get(mask)
+        if bands is None:
+            bands = plan_bands([s for s in batch.segments if mask >> s.slot & 1], batch.dense)
+            batch.bands[mask] = bands
+        return bands
+
     def shrink(self, x: torch.Tensor, layer: LayerPool, batch: TorchBatch) -> TorchShrunk | None:
-        views = layer.views
-        segments = [s for s in batch.segments if views[s.slot] is not None]  # this layer's
-        if not segments:
+        bands = self._bands(layer, batch)
+        if not bands:
             return None
-        if batch.dense and len(segments) == len(batch.segments):
-            n, r, mask = batch.num_slots, layer.lora_a.shape[1], batch.token_mask
-            assert mask is not None
-            v = x @ layer.lora_a[:n].reshape(n * r, -1).t()  # shrink against all slots: [T, n*r]
-            return v.mul_(mask)  # keep each token's own slot block
+        a = layer.lora_a  # [slots, r_max, d_in]
         out = []
-        for s in segments:
-            a_t = views[s.slot][0]  # type: ignore[index]  # [d_in, rank]
-            xs = x if s.end - s.start == batch.num_tokens else x[s.start : s.end]  # one adapter: no slicing
-            out.append((s, torch.mm(xs, a_t)))  # [len, rank]
-        return out
+        for b in bands:
+            xs = x[b.start : b.end]  # [n * L, d_in]
+            if b.count == 1:
+                out.append(torch.mm(xs, a[b.slot, : b.rank].t()).unsqueeze(0))  # [1, L, r]
+            else:
+                out.append(torch.bmm(xs.view(b.count, b.length, -1), a[b.slot : b.slot + b.count, : b.rank].transpose(1, 2)))
+        return bands, out
 
     def shrink_multi(
         self, x: torch.Tensor, pool: torch.Tensor, layers: Sequence[LayerPool], batch: TorchBatch
     ) -> list[TorchShrunk | None]:
         # Fusing pays only when every adapter of the step targets every sibling (else it reads zeros).
-        if not all(m.views[s.slot] is not None for m in layers for s in batch.segments):
+        if any(batch.slots & m.targets != batch.slots for m in layers):
             return [self.shrink(x, m, batch) for m in layers]
-        num_proj, r = len(layers), pool.shape[2]
-        if batch.dense:
-            n, mask = batch.num_slots, batch.token_mask
-            assert mask is not None
-            v = x @ pool[:n].reshape(n * num_proj * r, -1).t()  # [T, n*P*r]
-            v = v.view(x.shape[0], n, num_proj, r).mul_(mask.view(x.shape[0], n, 1, r))  # each token keeps its slot
-            return [v[:, :, p, :].reshape(x.shape[0], n * r) for p in range(num_proj)]
-        per_segment = [  # [len, P, r]
-            (s, (x[s.start : s.end] @ pool[s.slot].reshape(num_proj * r, -1).t()).view(-1, num_proj, r))
-            for s in batch.segments
-        ]
-        return [
-            [(s, v[:, p, : m.views[s.slot][1].shape[0]]) for s, v in per_segment]  # type: ignore[index]
-            for p, m in enumerate(layers)
-        ]
+        bands = self._bands(layers[0], batch)
+        num_proj = len(layers)
+        per_proj: list[list[torch.Tensor]] = [[] for _ in layers]
+        for b in bands:
+            n, r = b.count, b.rank
+            xs = x[b.start : b.end].view(n, 1, b.length, -1).expand(n, num_proj, b.length, x.shape[1])
+            w = pool[b.slot : b.slot + n, :, :r].reshape(n * num_proj, r, -1)  # a view: [n*P, r, d_in]
+            v = torch.bmm(xs.reshape(n * num_proj, b.length, -1), w.transpose(1, 2)).view(n, num_proj, b.length, r)
+            for p in range(num_proj):
+                per_proj[p].append(v[:, p])  # [n, L, r]
+        return [(bands, vs) for vs in per_proj]
 
     def expand(self, y: torch.Tensor, v: TorchShrunk, layer: LayerPool, batch: TorchBatch) -> None:
-        if isinstance(v, torch.Tensor):  # dense: [T, n*r]
-            n = batch.num_slots
-            y.addmm_(v, layer.lora_b[:n].reshape(n * layer.lora_b.shape[1], -1))  # expand: [T, d_out]
-            return
-        for s, vs in v:
-            b = layer.views[s.slot][1]  # type: ignore[index]  # [rank, d_out]
-            if s.end - s.start == batch.num_tokens:
-                y.addmm_(vs, b)
+        bands, vs = v
+        lora_b = layer.lora_b  # [slots, r_max, d_out]
+        for b, vb in zip(bands, vs):
+            ys = y[b.start : b.end]  # [n * L, d_out]
+            if b.count == 1:
+                ys.addmm_(vb[0], lora_b[b.slot, : b.rank])
             else:
-                y[s.start : s.end].addmm_(vs, b)
+                ys.view(b.count, b.length, -1).baddbmm_(vb, lora_b[b.slot : b.slot + b.count, : b.rank])

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from loraplex.lora import triton_ops
-from loraplex.lora.lora_backend import LayerPool, LoraBatch, token_segments
+from loraplex.lora.lora_backend import LayerPool, LoraBatch, slot_mask, token_segments
 from loraplex.lora.triton_ops import TritonBatch, build_triton_batch
 
 
@@ -52,7 +52,7 @@ class TritonLora:
     ) -> TritonLoraBatch:
         segments = token_segments(token_runs, slot_ranks, num_tokens)
         table = build_triton_batch(segments, num_tokens, self.device) if segments else None
-        return TritonLoraBatch(num_tokens=num_tokens, segments=segments, table=table)
+        return TritonLoraBatch(num_tokens=num_tokens, segments=segments, slots=slot_mask(segments), table=table)
 
     def shrink(self, x: torch.Tensor, layer: LayerPool, batch: TritonLoraBatch) -> torch.Tensor | None:
         if batch.table is None or not _targets(layer, batch):
@@ -74,4 +74,4 @@ class TritonLora:
 
 
 def _targets(layer: LayerPool, batch: LoraBatch) -> bool:
-    return any(layer.views[s.slot] is not None for s in batch.segments)
+    return batch.targeted(layer) != 0

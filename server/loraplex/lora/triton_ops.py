@@ -19,10 +19,16 @@ only as many programs as adapters in the batch, each streaming a whole A[slot] (
 alone. Splitting d_in across programs puts every SM to work on the memory-bound read
 (~2 programs per SM). The atomics make v's last fp32 bits depend on the run, not the batch.
 
-Tiles: token tile 16 / 32 / 64 by the longest segment (16 at decode); rank tile the step's
-largest rank rounded up to a power of two within [16, 64] (tl.dot's minimum is 16, smaller
-ranks are masked); K tile 256 / 128 / 64 so a decode program streams wide rows of A; d_out
-tile 128 (64 for long segments).
+Each segment costs its own rank, whatever the pool's r_max: loads past a segment's rank are
+masked (never read), a shrink program whose rank tile lies past its segment's rank returns
+at once, and the expand loops over its segment's rank only. The rank tile is the step's
+*smallest* rank rounded up to a power of two within [16, 64] (tl.dot's minimum is 16), so
+in a step of mixed ranks a rank-8 segment runs one tile of 16 while a rank-64 one runs four;
+with one rank in the step, one tile covers it.
+
+Tiles: token tile 16 / 32 / 64 by the longest segment (16 at decode); rank tile as above;
+K tile 256 / 128 / 64 so a decode program streams wide rows of A; d_out tile 128 (64 for
+long segments).
 
 The metadata (`TritonBatch`) is built once per step (TritonLora.prepare in triton_lora.py)
 and shared by every layer; the grid sizes it needs (segments, longest segment, largest rank)
@@ -64,7 +70,8 @@ class TritonBatch:
     num_segments: int
     num_tokens: int
     max_length: int  # longest segment: the token-tile axis of the grids
-    max_rank: int  # largest rank in the step: the rank tile size
+    max_rank: int  # largest rank in the step: how many rank tiles the shrink grid has
+    min_rank: int  # smallest rank in the step: the rank tile size
 
 
 def build_triton_batch(segments: Sequence[Segment], num_tokens: int, device: torch.device) -> TritonBatch:
@@ -85,6 +92,7 @@ def build_triton_batch(segments: Sequence[Segment], num_tokens: int, device: tor
         num_tokens=num_tokens,
         max_length=max(s.end - s.start for s in segments),
         max_rank=max(s.rank for s in segments),
+        min_rank=min(s.rank for s in segments),
     )
 
 
@@ -124,8 +132,8 @@ def _block_t(max_length: int) -> int:
     return 16 if max_length <= 16 else 32 if max_length <= 32 else 64
 
 
-def _block_r(max_rank: int) -> int:
-    return min(max(MIN_DOT, 1 << (max_rank - 1).bit_length()), 64)
+def _block_r(rank: int) -> int:
+    return min(max(MIN_DOT, 1 << (rank - 1).bit_length()), 64)
 
 
 def _split_k(num_programs: int, d_in: int, block_k: int, device: torch.device) -> int:
@@ -301,7 +309,7 @@ def sgmv_shrink_multi(
     if batch.max_rank > sample.shape[1]:
         raise ValueError(f"a segment has rank {batch.max_rank}, the pool holds {sample.shape[1]}")
 
-    block_t, block_r = _block_t(batch.max_length), _block_r(batch.max_rank)
+    block_t, block_r = _block_t(batch.max_length), _block_r(batch.min_rank)
     block_k = 256 if block_t == 16 else 128 if block_t == 32 else 64
     num_r_tiles = _cdiv(batch.max_rank, block_r)
     num_t_tiles = _cdiv(batch.max_length, block_t)
@@ -339,7 +347,7 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, batch: T
     d_out = y.shape[1]
     if lora_b.shape[-1] != d_out:
         raise ValueError(f"Bᵀ has d_out {lora_b.shape[-1]}, y has {d_out}")
-    block_t, block_r = _block_t(batch.max_length), _block_r(batch.max_rank)
+    block_t, block_r = _block_t(batch.max_length), _block_r(batch.min_rank)
     block_n = 64 if block_t == 64 else 128
     grid = (_cdiv(d_out, block_n), batch.num_segments, _cdiv(batch.max_length, block_t))
     _expand_kernel[grid](
