@@ -44,7 +44,7 @@ from loraplex.lora.adapter_version import (
     Tier,
     resolve_adapter_path,
 )
-from loraplex.lora.slots import SlotState, SlotWriter
+from loraplex.lora.slots import SlotState, SlotWriter, placement
 from loraplex.rules import adapter_id_problem, check_adapter_id
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ class AdapterStore:
             if version.weights is None:
                 self._enqueue(version)
                 return SlotState.NOT_READY
-            slot = self._free_slot()
+            slot = self._free_slot(version.spec.rank)
             if slot is None:
                 return SlotState.NOT_READY
             start = time.perf_counter()
@@ -260,10 +260,10 @@ class AdapterStore:
 
     # -- tiers ---------------------------------------------------------------------------
 
-    def _free_slot(self) -> int | None:
-        for slot, occupant in enumerate(self._device):
-            if occupant is None:
-                return slot
+    def _free_slot(self, rank: int) -> int | None:
+        empty = [slot for slot, occupant in enumerate(self._device) if occupant is None]
+        if empty:
+            return placement(empty, [None if v is None else v.spec.rank for v in self._device], rank)
         for slot in self._device_lru:  # least recently used first
             occupant = self._device[slot]
             if occupant is not None and occupant.slot_refs == 0 and not occupant.pinned:

@@ -53,3 +53,27 @@ class SlotWriter(Protocol):
     def write_slot(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an adapter's host tensors into slot `slot` of every layer (store lock held)."""
         ...
+
+
+def placement(empty: list[int], ranks: list[int | None], rank: int) -> int:
+    """Which empty slot an adapter of `rank` takes: beside one of its rank if it can, else the
+    middle of the longest run of empty slots (room on both sides for more of its rank).
+
+    Adapters of one rank in adjacent slots decode as one batched matmul in the torch LoRA
+    backend (lora_ops.py: a band is adjacent slots); scattered, each is its own launch.
+    """
+
+    def beside(slot: int) -> int:
+        return sum(1 for s in (slot - 1, slot + 1) if 0 <= s < len(ranks) and ranks[s] == rank)
+
+    best = max(empty, key=beside)  # the first such slot on ties
+    if beside(best):
+        return best
+    runs: list[tuple[int, int]] = []  # [start, end) of each run of empty slots
+    for slot in empty:
+        if runs and runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], slot + 1)
+        else:
+            runs.append((slot, slot + 1))
+    start, end = max(runs, key=lambda run: run[1] - run[0])
+    return (start + end) // 2 if end - start > 2 else start
