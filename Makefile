@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint typecheck imports pytest protos bench clean
+.PHONY: install demo test lint typecheck imports pytest protos bench bench-quick bench-engine profile-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,22 @@ pytest: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
+# The user's view (issue 10): a real `loraplex serve`, 16 SDK streams, base / identical / uniform /
+# distinct / mixed ranks at --max-lora-rank 64, ratios vs base and vs the bytes limit (~1 h on 2 cores).
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.server_bench
+
+# The same on a tiny model, one round (a few minutes): a smoke run; results under .cache/bench.
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.server_bench --quick
+
+# In process, decode only: base vs mixed adapters vs PEFT's mixed batch.
+bench-engine: $(STAMP)
 	$(BIN)/python -m benchmarks.engine_bench
+
+# Where the server's CPU goes per token, by thread, and py-spy samples (needs py-spy: the bench extra).
+profile-server: $(STAMP)
+	$(BIN)/python -m benchmarks.profile_server
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -1,8 +1,16 @@
-"""Running a workload on an engine and timing it: prefill and decode separately."""
+"""Running a workload on an engine and timing it: prefill and decode separately.
+
+`run` drives the engine from the calling thread; `run_on_thread` from a thread of its own, as
+the server's engine loop does. The two are not the same to torch on the CPU: each thread that
+runs ops gets its own OpenMP team, and GNU OpenMP spins its workers far less once a process
+holds more OpenMP threads than cores (a server has the engine's team and the start-up
+thread's). A comparison with the server runs the engine the server's way.
+"""
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,3 +110,22 @@ def run(engine: Any, items: Sequence[WorkItem], adapter_ids: Sequence[str], conc
                 raise RuntimeError(o.error)
     stats.wall_s = time.perf_counter() - start
     return stats
+
+
+def run_on_thread(engine: Any, items: Sequence[WorkItem], adapter_ids: Sequence[str], concurrency: int | None = None) -> RunStats:
+    """`run` on a thread of its own (as the server's engine loop), joined before returning."""
+    result: list[RunStats] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(run(engine, items, adapter_ids, concurrency))
+        except BaseException as e:  # re-raised on the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=target, name="engine-bench")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness, report
-from benchmarks.models import CPU_BENCH, TINY, adapter_bytes, make_adapter_set, make_model
+from benchmarks.models import CACHE, CPU_BENCH, TINY, adapter_bytes, make_adapter_set, make_model
 from benchmarks.serving import Request, ServerProcess, memory_bandwidth, stream_load
 from benchmarks.workload import WorkItem
 from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
@@ -77,7 +77,7 @@ def warm(address: str, adapters: list[str], vocab: int) -> None:
 def engine_base(engine: Engine, args: argparse.Namespace, vocab: int, seed: int) -> tuple[float, float]:
     """(tokens/s, median decode step s) of the base workload in process, closed loop of N."""
     items = [WorkItem(0.0, r.prompt_token_ids, r.max_new_tokens, None) for stream in plan("base", [], args, vocab, seed) for r in stream]
-    stats = harness.run(engine, items, [], concurrency=args.streams)
+    stats = harness.run_on_thread(engine, items, [], concurrency=args.streams)
     return stats.throughput, stats.median_decode_step_ms / 1e3
 
 
@@ -93,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16, help="rank of the identical / uniform / distinct adapters")
     p.add_argument("--cpu-nf4-kernel", choices=["fused", "exact"], default="fused")
     p.add_argument("--name", default="server_bench")
-    p.add_argument("--results", type=Path, default=report.RESULTS)
+    p.add_argument("--results", type=Path, default=None, help="default: benchmarks/results (.cache/bench/results with --quick)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.requests, args.new_tokens, args.prompt_len = 1, 1, 8, 8
+    if args.results is None:
+        args.results = CACHE / "results" if args.quick else report.RESULTS
     shape = TINY if args.quick else CPU_BENCH
     model_path = str(make_model(shape))
     ranks = [HETERO_RANKS[i % len(HETERO_RANKS)] for i in range(args.streams)]
