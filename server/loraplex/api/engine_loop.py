@@ -12,6 +12,11 @@ itself runs on the loop, synchronously, so the request is in the engine's inbox 
 abort of it can be. A handler that stops listening (client cancel, disconnect, deadline)
 aborts its request; the engine frees its KV blocks and adapter slot at the next step.
 
+A handler that falls behind the engine (a busy event loop, a slow client) finds several
+outputs waiting: it sends them as one message (tokens and text joined), so the per-message
+cost of gRPC shrinks exactly when the loop is short of time. A final output is never joined
+to the ones before it (an error must not swallow tokens already produced).
+
 `_streams` is the delivery table (request id -> its handler's queue), not a registry of
 requests: the engine's live requests are that. An id stays taken here until its handler
 has read its last output, so a retry reusing the id never receives the old one's output.
@@ -20,10 +25,11 @@ has read its last output, so a retry reusing the id never receives the old one's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import grpc
 
@@ -100,7 +106,7 @@ class EngineLoop:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    async def stream(self, args: GenerateArgs) -> AsyncIterator[RequestOutput]:
+    async def stream(self, args: GenerateArgs) -> AsyncGenerator[RequestOutput, None]:
         """Add a request and yield its outputs until it finishes; abort it if left early."""
         rid = args.request_id or new_request_id()
         if rid in self._streams:
@@ -119,8 +125,16 @@ class EngineLoop:
                 args.prompt, args.params, None, rid, prompt_token_ids=args.prompt_token_ids, adapter=adapter
             )
             added = True
+            pending: RequestOutput | None = None  # a final output read while joining, sent next
             while True:
-                out = await queue.get()
+                out = pending or await queue.get()
+                pending = None
+                while not out.finished and not queue.empty():  # behind the engine: one message
+                    later = queue.get_nowait()
+                    if later.finished:
+                        pending = later
+                        break
+                    out = joined(out, later)
                 finished = out.finished
                 if finished:
                     log.debug("request %s finished: %s", rid, out.finish_reason, extra={"request_id": rid})
@@ -136,3 +150,10 @@ class EngineLoop:
     def abort_all(self, kind: ErrorKind, message: str) -> None:
         for rid in list(self._streams):
             self.engine.abort(rid, kind, message)
+
+
+def joined(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive unfinished outputs of one request as one."""
+    return dataclasses.replace(
+        later, new_token_ids=first.new_token_ids + later.new_token_ids, new_text=first.new_text + later.new_text
+    )
