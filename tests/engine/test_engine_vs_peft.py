@@ -55,10 +55,10 @@ class RecordingSampler:
         self.inner = inner
         self.rows: dict[str, list[torch.Tensor]] = {}
 
-    def __call__(self, logits: torch.Tensor, requests: list[Any]) -> list[int]:
+    def sample(self, logits: torch.Tensor, requests: list[Any]) -> Any:
         for row, request in zip(logits, requests):
             self.rows.setdefault(request.request_id, []).append(row.float().clone())
-        return self.inner(logits, requests)
+        return self.inner.sample(logits, requests)
 
 
 def test_step_logits_match_peft(setup: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,6 +74,31 @@ def test_step_logits_match_peft(setup: tuple[Any, Any], monkeypatch: pytest.Monk
         for k, row in enumerate(rows):  # k = 0: prefill; k > 0: decode steps over the paged cache
             expected = peft.last_logits(prompt + result.token_ids[:k], adapter)
             torch.testing.assert_close(row, expected, rtol=0, atol=1e-4, msg=f"adapter={adapter} step={k}")
+
+
+def test_logprobs_are_peft_log_softmax(llama_engine: Any, llama_peft: Any) -> None:
+    """Each sampled token's logprob and the top 5 are PEFT's raw log-softmax at its position:
+    before temperature, top-k/p and repetition penalty (vLLM's default), greedy or sampled."""
+    prompts = _prompts(llama_engine.loaded.vocab_size, 3, seed=6)
+    adapters: list[str | None] = ["all-r16-patterns", None, "qv-r4"]
+    params = [
+        SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=5),
+        SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=0, temperature=0.7, top_k=20, seed=3),
+        SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=20, repetition_penalty=1.5),
+    ]
+    results = llama_engine.generate(prompts, params, adapters)
+    for prompt, adapter, p, result in zip(prompts, adapters, params, results):
+        assert len(result.logprobs) == len(result.token_ids) == 4
+        for k, (token, lp) in enumerate(zip(result.token_ids, result.logprobs)):
+            expected = torch.log_softmax(llama_peft.last_logits(prompt + result.token_ids[:k], adapter), -1)
+            assert lp.token_id == token
+            assert abs(lp.logprob - float(expected[token])) < 1e-4, (adapter, k)
+            assert lp.rank == int((expected > expected[token]).sum()) + 1
+            top_values, top_ids = expected.topk(p.logprobs)
+            assert [t for t, _ in lp.top] == top_ids.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), top_values, rtol=0, atol=1e-4)
+    plain = llama_engine.generate(prompts[:1], SamplingParams(max_new_tokens=2), adapters[:1])[0]
+    assert plain.logprobs is None
 
 
 def test_alone_and_in_mixed_batch_give_same_tokens(llama_engine: Any) -> None:

@@ -67,3 +67,23 @@ def test_seed_reproduces_and_differs() -> None:
     assert draw(7, Sampler(0)) == draw(7, Sampler(99))
     assert draw(7, Sampler()) != draw(8, Sampler())
     assert draw(None, Sampler(0)) != draw(None, Sampler(1))
+
+
+def test_logprobs_are_raw_log_softmax_only_where_asked() -> None:
+    logits = torch.randn(3, 60, generator=torch.Generator().manual_seed(4))
+    raw = torch.log_softmax(logits, -1)
+    requests = [
+        _request(SamplingParams(logprobs=3, temperature=2.0, top_k=5, seed=1), prompt=[5, 6]),
+        _request(SamplingParams()),
+        _request(SamplingParams(logprobs=0, repetition_penalty=3.0), prompt=[int(logits[2].argmax())]),
+    ]
+    out = Sampler().sample(logits.clone(), requests)
+    assert out.logprobs[1] is None
+    for row in (0, 2):
+        lp = out.logprobs[row]
+        assert lp is not None and lp.token_id == out.tokens[row]
+        assert lp.logprob == float(raw[row, out.tokens[row]])  # before temperature and penalty
+        assert lp.rank == int((raw[row] > raw[row, out.tokens[row]]).sum()) + 1
+    assert out.logprobs[2].top == () and out.logprobs[2].rank > 1  # the penalty moved the argmax
+    values, ids = raw[0].topk(3)
+    assert out.logprobs[0].top == tuple(zip(ids.tolist(), values.tolist()))

@@ -6,6 +6,7 @@ adapter root on the same server: its greedy tokens must be the s3:// adapter's."
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ from conftest import TinyModel, engine_config
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, LoraConfig, ServerConfig
 from loraplex.engine.engine import Engine
+from loraplex.engine.prompts import ChatMessage
 from loraplex.lora import s3_source
-from loraplex.lora.adapter_spec import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.lora.adapter_spec import CHAT_TEMPLATE_FILE, CONFIG_FILE, TOKENIZER_CONFIG_FILE, WEIGHTS_FILE
 from loraplex.rules import InvalidFieldError
 from loraplex_client import AdapterIncompatibleError, AdapterNotFoundError, Client
 
@@ -152,6 +154,31 @@ def test_damaged_cache_is_downloaded_again(s3: Any, client: Client, tiny_llama: 
     client.load_adapter("cached", uri)  # same objects: the same cache entry, now damaged
     assert _greedy(client, "cached") == expected == _greedy(client, "reference")
     assert weights.read_bytes() == good
+
+
+def test_an_s3_adapter_brings_its_own_chat_template(
+    s3: Any, server: BackgroundServer, client: Client, tokenizer: Any, local_root: Path
+) -> None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template, under the prefix: as
+    for a directory, the prompt is the one transformers' apply_chat_template makes with it."""
+    messages = [{"role": "user", "content": "Who are you?"}]
+    own = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<bot>"
+    by_config = "{% for m in messages %}{{ m['content'] }} | {% endfor %}BOT:"
+    adapter = local_root / "local" / "all-r8-rslora"
+    uri = put_adapter(s3, adapter, "team/chatty")
+    s3.put_object(Bucket=BUCKET, Key=f"team/chatty/{CHAT_TEMPLATE_FILE}", Body=own.encode())
+    put_adapter(s3, adapter, "team/configured")
+    s3.put_object(Bucket=BUCKET, Key=f"team/configured/{TOKENIZER_CONFIG_FILE}", Body=json.dumps({"chat_template": by_config}).encode())
+    put_adapter(s3, adapter, "team/plain")
+    engine = server.server.engine
+    for adapter_id, path, template in [
+        ("chatty", uri, own), ("configured", f"{ROOT}/configured", by_config), ("plain", f"{ROOT}/plain", tokenizer.chat_template),
+    ]:
+        client.load_adapter(adapter_id, path)
+        expected = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, return_dict=False)
+        ids = engine.chat_prompt_ids([ChatMessage(**m) for m in messages], engine.lookup_adapter(adapter_id))
+        assert ids == list(expected), adapter_id
+    assert engine.lookup_adapter("chatty").spec.chat_template == own
 
 
 def test_s3_locations() -> None:

@@ -7,6 +7,7 @@ The face the API and metrics use (nothing else of the engine is read from outsid
   step, has_unfinished, wait_for_work   the engine thread only (the API's engine loop, or `generate`)
   last_step                             what the last step did (StepStats), read after step()
   stats()                               any thread: a snapshot of requests, KV blocks and adapter tiers
+  chat_prompt_ids, prompts              any thread: chats and text to prompt ids (Jinja, tokenizer), token texts
   lookup_adapter                        any thread, no disk
   resolve_adapter, register_adapter     any thread but the event loop: they may read adapter files
   unregister_adapter, adapter_info(s)   any thread
@@ -30,7 +31,9 @@ from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.errors import EngineClosedError
 from loraplex.engine.kv_cache import KVCache, plan_num_blocks
 from loraplex.engine.live_requests import Abort, AbortHolders, Admit, LiveRequests
+from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.prompts import ChatMessage, Prompts
 from loraplex.engine.request import (
     CompletionResult,
     ErrorKind,
@@ -40,7 +43,7 @@ from loraplex.engine.request import (
     SamplingParams,
     StepStats,
 )
-from loraplex.engine.sampler import Sampler
+from loraplex.engine.sampler import SampledTokens, Sampler
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.stats import EngineStats
 from loraplex.lora.adapter_store import AdapterStore
@@ -103,7 +106,7 @@ class Engine:
 
         self.num_kv_blocks = num_blocks
         self._live = LiveRequests(config.scheduler.max_waiting + config.scheduler.max_num_seqs)
-        self._tokenizer_lock = threading.Lock()
+        self.prompts = Prompts(self.tokenizer)
         self._closed = False
         self.last_step: StepStats | None = None
         self.on_finish: Callable[[Request], None] | None = None  # metrics hook, engine thread
@@ -160,8 +163,7 @@ class Engine:
             ids = [int(t) for t in prompt_token_ids]
             self._check_vocab(field, ids)
         else:
-            with self._tokenizer_lock:
-                ids = list(self.tokenizer(prompt)["input_ids"])
+            ids = self.prompts.encode(prompt or "")
         if not ids:
             raise InvalidFieldError(field, "the prompt is empty")
         # The one prompt-length rule: the longest sequence this engine holds, with room to generate.
@@ -172,6 +174,11 @@ class Engine:
                 f"{field} has {len(ids)} tokens; {bound} holds {self.max_seq_len} (room for at least one new token needed)",
             )
         return ids
+
+    def chat_prompt_ids(self, messages: Sequence[ChatMessage], adapter: AdapterVersion | None) -> list[int]:
+        """A chat's prompt ids with the adapter's own chat template, else the base's (prompts.py)."""
+        template = adapter.spec.chat_template if adapter is not None else None
+        return self.prompts.chat(messages, template, adapter.adapter_id if adapter is not None else None)
 
     def _check_vocab(self, field: str, ids: Sequence[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self.loaded.vocab_size]
@@ -242,8 +249,8 @@ class Engine:
 
     def _run(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> int:
         result = self.runner.run(batch)
-        tokens = self.sampler(result.logits, result.sampling)
-        outputs.extend(self._postprocess(batch, result.sampling, tokens))
+        sampled = self.sampler.sample(result.logits, result.sampling)
+        outputs.extend(self._postprocess(batch, result.sampling, sampled))
         return result.num_adapters
 
     def _run_isolated(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> None:
@@ -276,12 +283,13 @@ class Engine:
                         outputs.append(self._end(request, event.kind, event.message))
         return outputs
 
-    def _postprocess(self, batch: ScheduledBatch, sampling: list[Request], tokens: list[int]) -> list[RequestOutput]:
+    def _postprocess(self, batch: ScheduledBatch, sampling: list[Request], sampled: SampledTokens) -> list[RequestOutput]:
         now = time.monotonic()
         for request, n in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += n
         outputs = []
-        for request, token in zip(sampling, tokens):
+        for request, token, lp in zip(sampling, sampled.tokens, sampled.logprobs):
+            logprobs = None if lp is None else [lp]
             if request.first_token_time is None:
                 request.first_token_time = now
             request.output_token_ids.append(token)
@@ -294,9 +302,9 @@ class Engine:
             elif len(request.output_token_ids) >= p.max_new_tokens or request.num_tokens >= self.max_seq_len:
                 status = RequestStatus.FINISHED_LENGTH
             if status is None:
-                outputs.append(RequestOutput(request.request_id, [token], text, finished=False))
+                outputs.append(RequestOutput(request.request_id, [token], text, finished=False, logprobs=logprobs))
             else:
-                outputs.append(self._finish(request, status, [token], text))
+                outputs.append(self._finish(request, status, [token], text, logprobs))
         return outputs
 
     def _end(self, request: Request, kind: ErrorKind, message: str) -> RequestOutput:
@@ -305,7 +313,8 @@ class Engine:
         return self._finish(request, kind.status)
 
     def _finish(
-        self, request: Request, status: RequestStatus, new_tokens: list[int] | None = None, text: str = ""
+        self, request: Request, status: RequestStatus, new_tokens: list[int] | None = None, text: str = "",
+        logprobs: list[TokenLogprobs] | None = None,
     ) -> RequestOutput:
         # A request ended before the engine thread admitted it is in no scheduler queue:
         # finish() then only frees its (empty) block table.
@@ -327,6 +336,7 @@ class Engine:
             error_kind=request.error_kind,
             usage=request.usage(),
             adapter_version=request.adapter.version if request.adapter is not None else None,
+            logprobs=logprobs,
         )
 
     # -- whole runs ------------------------------------------------------------------------

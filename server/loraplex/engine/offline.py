@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.request import CompletionResult, FinishReason, RequestOutput, SamplingParams, StepStats
 
 
@@ -53,6 +54,7 @@ def generate(
             ids.append(engine.add_request(None, p, adapter, prompt_token_ids=prompt))
     texts: dict[str, list[str]] = {i: [] for i in ids}
     tokens: dict[str, list[int]] = {i: [] for i in ids}
+    logprobs: dict[str, list[TokenLogprobs]] = {i: [] for i in ids}
     done: dict[str, RequestOutput] = {}
     while len(done) < n:
         outputs = engine.step()
@@ -62,13 +64,19 @@ def generate(
             if out.request_id in texts:
                 texts[out.request_id].append(out.new_text)
                 tokens[out.request_id].extend(out.new_token_ids)
+                logprobs[out.request_id].extend(out.logprobs or ())
                 if out.finished:
                     done[out.request_id] = out
     results = []
-    for i in ids:
+    for i, p in zip(ids, params_list):
         out = done[i]
         if out.finish_reason is FinishReason.ERROR:
             raise RuntimeError(out.error or f"request {i} failed")
         assert out.usage is not None and out.finish_reason is not None
-        results.append(CompletionResult(i, "".join(texts[i]), tokens[i], out.finish_reason, out.usage))
+        wanted = p is not None and p.logprobs is not None
+        results.append(
+            CompletionResult(
+                i, "".join(texts[i]), tokens[i], out.finish_reason, out.usage, logprobs[i] if wanted else None
+            )
+        )
     return results

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.engine.logprobs import MAX_LOGPROBS, TokenLogprobs
 from loraplex.rules import InvalidFieldError
 
 
@@ -88,6 +89,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: none; N: each sampled token's logprob and the top N (logprobs.py)
 
     def __post_init__(self) -> None:
         """The sampling ranges: the API relies on these, so each is checked here only."""
@@ -111,6 +113,8 @@ class SamplingParams:
             raise InvalidFieldError("stop", f"stop strings must have 1-{MAX_STOP_LEN} characters")
         if any(t < 0 for t in self.stop_token_ids):
             raise InvalidFieldError("stop_token_ids", "stop_token_ids must be >= 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidFieldError("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -208,6 +212,7 @@ class RequestOutput:
     error_kind: ErrorKind | None = None  # set when finish_reason is ABORTED or ERROR
     usage: Usage | None = None
     adapter_version: int | None = None  # final output: the adapter version the request ran on
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for them
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,3 +224,4 @@ class CompletionResult:
     token_ids: list[int]
     finish_reason: FinishReason
     usage: Usage
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them

@@ -3,15 +3,26 @@
 Greedy rows take the argmax together. Sampled rows apply temperature, top-k and top-p, and
 draw with the request's own torch.Generator, seeded from `seed` when given: a seeded request
 draws the same numbers whatever its batch mates.
+
+Rows whose request asks for logprobs get them from the raw logits, before repetition penalty,
+temperature and top-k/p (logprobs.py says why): log_softmax is taken first, on a copy.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
+from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class SampledTokens:
+    tokens: list[int]  # one per request
+    logprobs: list[TokenLogprobs | None]  # one per request; None where it asked for none
 
 
 class Sampler:
@@ -26,12 +37,19 @@ class Sampler:
             request.generator = g
         return request.generator
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: [S, vocab] (one row per request) -> one token id per request."""
+        return self.sample(logits, requests).tokens
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
+        """logits: [S, vocab] (one row per request; penalties are applied to it in place)."""
         if not requests:
-            return []
+            return SampledTokens([], [])
         logits = logits.float()
+        wanted = [row for row, r in enumerate(requests) if r.params.logprobs is not None]
+        # raw: [W, vocab], a new tensor: what follows changes `logits` in place
+        raw = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
         for row, request in enumerate(requests):
             if request.params.repetition_penalty != 1.0:
                 _apply_repetition_penalty(logits[row], request.all_token_ids, request.params.repetition_penalty)
@@ -39,7 +57,12 @@ class Sampler:
         for row, request in enumerate(requests):
             if not request.params.greedy:
                 tokens[row] = self._sample(logits[row], request)
-        return tokens
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw is not None:
+            chosen = [tokens[row] for row in wanted]
+            for row, lp in zip(wanted, _token_logprobs(raw, chosen, [requests[row] for row in wanted])):
+                logprobs[row] = lp
+        return SampledTokens(tokens, logprobs)
 
     def _sample(self, logits: torch.Tensor, request: Request) -> int:
         p = request.params
@@ -56,6 +79,19 @@ class Sampler:
             logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self._generator(request, logits.device)).item())
+
+
+def _token_logprobs(raw: torch.Tensor, tokens: list[int], requests: list[Request]) -> list[TokenLogprobs]:
+    """raw: [W, vocab] log-probabilities; each request's sampled token, its rank and its top-N."""
+    chosen = raw.gather(1, torch.tensor(tokens, device=raw.device).unsqueeze(1))  # [W, 1]
+    ranks = (raw > chosen).sum(dim=1) + 1  # [W]
+    top_values, top_ids = raw.topk(max(r.params.logprobs or 0 for r in requests), dim=1)  # [W, N]
+    out = []
+    for i, request in enumerate(requests):
+        k = request.params.logprobs or 0
+        top = tuple(zip(top_ids[i, :k].tolist(), top_values[i, :k].tolist()))
+        out.append(TokenLogprobs(tokens[i], float(chosen[i, 0]), int(ranks[i]), top))
+    return out
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:

@@ -19,6 +19,11 @@ rsLoRA, rank_pattern and alpha_pattern are honoured with PEFT's exact scale
 bytes it reads against it (`read_adapter_files`), and uploads are stored under it. An adapter
 from a remote source (s3_source.py) is checked by its `remote` files object instead: the
 source's own identity (object ETags) stands in for the bytes it has not read yet.
+
+An adapter trained with its own chat template brings it: `chat_template.jinja`, or
+`chat_template` in its `tokenizer_config.json` (as transformers saves them), in its directory
+or under its S3 prefix. It is read with the spec, so it is fixed per version; the engine
+applies it (else the base's) to chat messages.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an adapter directory serves, in content-hash order
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 MAX_CONFIG_BYTES = 1 << 20
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+MAX_TOKENIZER_CONFIG_BYTES = 64 << 20  # added-token tables make these large
 
 # Config fields that change the forward pass in ways a plain grouped LoRA cannot reproduce,
 # with the value that means "off".
@@ -93,6 +101,7 @@ class AdapterSpec:
     content_hash: str  # hash_adapter_files of the directory when it was checked
     module_ranks: Mapping[str, int]  # module name -> rank, for every targeted module
     remote: RemoteFiles | None = None  # where the files come from when not a local directory (path is then its cache)
+    chat_template: str | None = None  # the adapter's own (Jinja), if it brings one
 
     @property
     def location(self) -> str:
@@ -136,6 +145,43 @@ def parse_config(where: str, raw: bytes) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterError(f"{where}: {CONFIG_FILE} must hold a JSON object")
     return config
+
+
+def read_chat_template(path: Path) -> str | None:
+    """An adapter directory's own chat template (parse_chat_template says which file wins)."""
+    jinja = path / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        if jinja.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{path}: {CHAT_TEMPLATE_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        return parse_chat_template(str(path), jinja.read_bytes(), None)
+    config_path = path / TOKENIZER_CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    if config_path.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
+        raise AdapterError(f"{path}: {TOKENIZER_CONFIG_FILE} is larger than {MAX_TOKENIZER_CONFIG_BYTES} bytes")
+    return parse_chat_template(str(path), None, config_path.read_bytes())
+
+
+def parse_chat_template(where: str, jinja: bytes | None, tokenizer_config: bytes | None) -> str | None:
+    """The chat template an adapter brings: chat_template.jinja, else tokenizer_config.json's
+    `chat_template` (a string, or transformers' list of named templates: the one named "default")."""
+    if jinja is not None:
+        try:
+            return jinja.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise AdapterError(f"{where}: {CHAT_TEMPLATE_FILE} is not UTF-8: {e}") from None
+    if tokenizer_config is None:
+        return None
+    try:
+        config = json.loads(tokenizer_config.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{where}: {TOKENIZER_CONFIG_FILE} is not valid JSON: {e}") from None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise AdapterError(f"{where}: {TOKENIZER_CONFIG_FILE}: chat_template must be a string")
+    return template or None
 
 
 def content_hash(files: Iterable[Iterable[bytes]]) -> str:
@@ -192,12 +238,14 @@ def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) ->
             )
         raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
     header = _read_header(weights)
-    return build_spec(path, str(path), config, header, layers, max_rank, hash_adapter_files(path))
+    return build_spec(
+        path, str(path), config, header, layers, max_rank, hash_adapter_files(path), chat_template=read_chat_template(path)
+    )
 
 
 def build_spec(
     path: Path, where: str, config: Mapping[str, Any], header: dict[str, Any], layers: Mapping[str, BaseLayerInfo],
-    max_rank: int, content_hash: str, remote: RemoteFiles | None = None,
+    max_rank: int, content_hash: str, remote: RemoteFiles | None = None, chat_template: str | None = None,
 ) -> AdapterSpec:
     """Check a parsed config and safetensors header against the base (a directory's or a remote
     source's); `where` names the adapter in messages."""
@@ -248,6 +296,7 @@ def build_spec(
         content_hash=content_hash,
         module_ranks=module_ranks,
         remote=remote,
+        chat_template=chat_template,
     )
 
 

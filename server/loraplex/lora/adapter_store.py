@@ -106,7 +106,10 @@ class AdapterStore:
             )
         with self._lock:
             current = self._current.get(adapter_id)
-            if current is not None and current.spec.content_hash == spec.content_hash and not current.retired:
+            unchanged = current is not None and (current.spec.content_hash, current.spec.chat_template) == (
+                spec.content_hash, spec.chat_template
+            )
+            if current is not None and unchanged and not current.retired:
                 if pin:
                     self._set_pin(current, True)
                 return current

@@ -5,6 +5,7 @@ root (auto-register). No torch here; boto3 is imported on first use.
     GET  prefix/adapter_config.json (<= 1 MiB)       cache hit: both files + the hash they had
     HEAD prefix/adapter_model.safetensors               when downloaded, re-hashed  → bytes
     GET  its header bytes (Range, If-Match)          miss: GET both objects If-Match the registered
+    GET  chat_template.jinja, else tokenizer_config.json, if there (the adapter's own chat template)
     build_spec: the same checks as a directory          ETags (changed since → refused), size and
     content hash over the config bytes and the          MD5 (when the ETag is one) checked, written
       weights object's ETag and size                    to <cache root>/<bucket>/<prefix>/<hash>/
@@ -33,8 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.lora.adapter_spec import (
+    CHAT_TEMPLATE_FILE,
     CONFIG_FILE,
     MAX_CONFIG_BYTES,
+    MAX_TOKENIZER_CONFIG_BYTES,
+    TOKENIZER_CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterError,
     AdapterSpec,
@@ -42,6 +46,7 @@ from loraplex.lora.adapter_spec import (
     build_spec,
     content_hash,
     header_size,
+    parse_chat_template,
     parse_config,
     parse_header,
 )
@@ -214,7 +219,29 @@ def read_spec(location: S3Location, layers: Mapping[str, BaseLayerInfo], max_ran
     digest = content_hash([[config_bytes], [identity]])
     cache_dir = cache_root / location.bucket / location.prefix / digest
     files = S3Files(location, config_object, weights_object, cache_dir)
-    return build_spec(cache_dir, uri, parse_config(uri, config_bytes), header, layers, max_rank, digest, files)
+    template = _read_chat_template(location)
+    return build_spec(
+        cache_dir, uri, parse_config(uri, config_bytes), header, layers, max_rank, digest, files, chat_template=template
+    )
+
+
+def _read_chat_template(location: S3Location) -> str | None:
+    """The adapter's own chat template under its prefix, as a directory's (adapter_spec.parse_chat_template)."""
+    jinja = _get_optional(location, CHAT_TEMPLATE_FILE, MAX_CONFIG_BYTES)
+    config = None if jinja is not None else _get_optional(location, TOKENIZER_CONFIG_FILE, MAX_TOKENIZER_CONFIG_BYTES)
+    return parse_chat_template(location.uri, jinja, config)
+
+
+def _get_optional(location: S3Location, name: str, limit: int) -> bytes | None:
+    """A small object under the prefix, or None when there is none."""
+    uri = f"{location.uri}/{name}"
+    try:
+        got = _call(uri, s3_client().get_object, Bucket=location.bucket, Key=location.key(name))
+    except AdapterNotFoundError:
+        return None
+    if int(got.get("ContentLength", 0)) > limit:
+        raise AdapterError(f"{uri} is larger than {limit} bytes")
+    return bytes(got["Body"].read())
 
 
 def _read_header(location: S3Location, weights: S3Object) -> dict[str, Any]:

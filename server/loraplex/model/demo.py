@@ -3,10 +3,12 @@
 Nothing is downloaded. `make_demo(out)` writes (`out` is `demo_dir()` for the CLI: one place
 per user, whatever the working directory)
 
-    out/model/                 a 4-layer Llama (hidden 128), trained for a few seconds on a tiny corpus
+    out/model/                 a 4-layer Llama (hidden 128), trained for a few seconds on a tiny corpus,
+                               with a chat template (CHAT_TEMPLATE) in the corpus' Q/A layout
     out/adapters/<name>/       PEFT LoRA adapters, each trained to answer the demo question its own way
 
-so the demo can show that each stream's answer comes from its own adapter.
+so the demo can show that each stream's answer comes from its own adapter, and that a chat
+message `Who are you?` becomes exactly the demo question.
 """
 
 from __future__ import annotations
@@ -52,6 +54,21 @@ ADAPTERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
+# The corpus' Q/A layout as a chat template: [{"role": "user", "content": "Who are you?"}]
+# with add_generation_prompt becomes "Q: Who are you?\nA:" (QUESTION); an assistant turn ends
+# with EOS, as the adapters were trained; a system message is a plain first line.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}Q: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}A: {{ message['content'] }}{{ eos_token }}\n"
+    "{% else %}{{ raise_exception('roles are system, user and assistant') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}A:{% endif %}"
+)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
 
 def demo_dir() -> Path:
     """Where `loraplex demo`, `make-demo` and `serve --model demo` build or reuse the demo:
@@ -79,7 +96,9 @@ def build_tokenizer(corpus: str | None = None, vocab_size: int = 512) -> Any:
     if corpus is None:
         corpus = CORPUS + "\n".join(answer for answer, _ in ADAPTERS.values())
     tok.train_from_iterator([corpus] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def tiny_llama_config(vocab_size: int, **overrides: Any) -> Any:
@@ -146,6 +165,9 @@ def make_demo(out_dir: str | Path, *, seed: int = 0, base_steps: int = 300, adap
     out = Path(out_dir)
     marker = out / "demo.json"
     if marker.is_file():
+        template = out / "model" / CHAT_TEMPLATE_FILE
+        if not template.is_file():  # a demo built before the model had a chat template
+            template.write_text(CHAT_TEMPLATE, encoding="utf-8")
         return out
     start = time.perf_counter()
     torch.manual_seed(seed)
