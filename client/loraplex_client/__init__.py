@@ -30,6 +30,8 @@ from loraplex_client.types import (
     GenerateChunk,
     GenerateResult,
     ModelInfo,
+    TokenizeResult,
+    TokenLogprob,
     UnloadResult,
     Usage,
 )
@@ -59,6 +61,8 @@ __all__ = [
     "RequestCancelledError",
     "RequestConflictError",
     "ServerUnavailableError",
+    "TokenLogprob",
+    "TokenizeResult",
     "UnloadResult",
     "Usage",
 ]

@@ -6,7 +6,7 @@ The only module besides the clients that touches loraplex_pb2, so the types user
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
 import grpc
@@ -19,6 +19,8 @@ from loraplex_client.types import (
     GenerateChunk,
     GenerateResult,
     ModelInfo,
+    TokenizeResult,
+    TokenLogprob,
     UnloadResult,
     Usage,
 )
@@ -53,6 +55,21 @@ class GenerateOptions(TypedDict, total=False):
     ignore_eos: bool
     repetition_penalty: float | None
     request_id: str | None
+    messages: Sequence[Mapping[str, str]] | None
+    logprobs: int | None
+
+
+def chat_messages(messages: Sequence[Mapping[str, str]]) -> list[pb.ChatMessage]:
+    """[{"role": "user", "content": "Hi"}, ...] as proto ChatMessages (the chat template renders them)."""
+    out = []
+    for i, m in enumerate(messages):
+        try:
+            out.append(pb.ChatMessage(role=m["role"], content=m["content"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidRequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"messages[{i}]: needs a 'role' and a 'content' string ({e!r})"
+            ) from e
+    return out
 
 
 def generate_request(prompt: str | None, **options: Unpack[GenerateOptions]) -> pb.GenerateRequest:
@@ -69,8 +86,11 @@ def generate_request(prompt: str | None, **options: Unpack[GenerateOptions]) -> 
     unknown = set(options) - set(GenerateOptions.__annotations__)
     if unknown:
         raise TypeError(f"unexpected generation arguments: {', '.join(sorted(unknown))}")
+    messages = options.pop("messages", None)
     fields: dict[str, Any] = {"prompt": prompt, **options, "stop": stop}
     request = pb.GenerateRequest()
+    if messages is not None:
+        request.messages.extend(chat_messages(messages))
     for name, value in fields.items():
         if value is None:
             continue
@@ -95,6 +115,26 @@ def usage(message: pb.Usage) -> Usage:
     )
 
 
+def logprobs(messages: Sequence[pb.TokenLogprob]) -> list[TokenLogprob] | None:
+    if not messages:
+        return None
+    return [
+        TokenLogprob(m.token_id, m.logprob, m.rank, [(t.token_id, t.logprob) for t in m.top]) for m in messages
+    ]
+
+
+def tokenize_request(
+    prompt: str | None, messages: Sequence[Mapping[str, str]] | None, adapter_id: str | None
+) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(
+        prompt=prompt or "", messages=chat_messages(messages or ()), adapter_id=adapter_id or ""
+    )
+
+
+def tokenize_result(message: pb.TokenizeResponse) -> TokenizeResult:
+    return TokenizeResult(list(message.token_ids), message.count, message.max_model_len)
+
+
 def generate_result(message: pb.GenerateResponse) -> GenerateResult:
     return GenerateResult(
         request_id=message.request_id,
@@ -104,6 +144,7 @@ def generate_result(message: pb.GenerateResponse) -> GenerateResult:
         usage=usage(message.usage),
         adapter_id=message.adapter_id or None,
         adapter_version=message.adapter_version,
+        logprobs=logprobs(message.logprobs),
     )
 
 
@@ -115,6 +156,7 @@ def generate_chunk(message: pb.GenerateStreamResponse) -> GenerateChunk:
         token_ids=list(message.token_ids),
         finish_reason=None if unfinished else _FINISH_REASONS.get(message.finish_reason, FinishReason.UNKNOWN),
         usage=usage(message.usage) if message.HasField("usage") else None,
+        logprobs=logprobs(message.logprobs),
     )
 
 

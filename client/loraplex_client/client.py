@@ -12,6 +12,7 @@ same API for asyncio.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Unpack
@@ -23,7 +24,7 @@ from loraplex_client._channel import auth_metadata, channel_credentials, deadlin
 from loraplex_client._convert import GenerateOptions
 from loraplex_client.errors import error_from_rpc
 from loraplex_client.stream import GenerateStream
-from loraplex_client.types import AdapterInfo, GenerateResult, ModelInfo, UnloadResult
+from loraplex_client.types import AdapterInfo, GenerateResult, ModelInfo, TokenizeResult, UnloadResult
 from loraplex_proto import health
 from loraplex_proto.v1 import loraplex_pb2 as pb
 from loraplex_proto.v1 import loraplex_pb2_grpc as pb_grpc
@@ -95,6 +96,19 @@ class Client:
             request, timeout=deadline(timeout, self._timeout), metadata=self._metadata
         )
         return GenerateStream(call)
+
+    def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        adapter_id: str | None = None,
+        timeout: float | None = None,
+    ) -> TokenizeResult:
+        """The prompt ids the server makes of a prompt, or of chat messages with the adapter's
+        chat template (else the base model's), exactly as generate would; nothing runs."""
+        request = _convert.tokenize_request(prompt, messages, adapter_id)
+        return _convert.tokenize_result(self._call(self._stub.Tokenize, request, timeout))
 
     def load_adapter(
         self, adapter_id: str, path: str, pin: bool = False, *, timeout: float | None = None

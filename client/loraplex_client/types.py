@@ -28,6 +28,17 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution (before
+    repetition penalty, temperature, top-k and top-p), its rank, and the most likely tokens."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token at this position
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first; `logprobs=N` of them
+
+
+@dataclass(frozen=True, slots=True)
 class GenerateResult:
     """One finished request (Client.generate)."""
 
@@ -38,6 +49,7 @@ class GenerateResult:
     usage: Usage
     adapter_id: str | None  # None: the base model
     adapter_version: int
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for with logprobs=N
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +64,16 @@ class GenerateChunk:
     token_ids: list[int]  # the new ids only
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for with logprobs=N
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeResult:
+    """The prompt ids a prompt or a chat makes on the server (Client.tokenize)."""
+
+    token_ids: list[int]
+    count: int
+    max_model_len: int  # prompt plus generated tokens must fit in it
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from loraplex.api.engine_loop import EngineLoop
 from loraplex.api.validation import GenerateArgs
+from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.request import ErrorKind, FinishReason, RequestOutput, SamplingParams
 
 
@@ -75,3 +77,15 @@ def test_a_final_output_is_never_joined_to_the_tokens_before_it() -> None:
 def test_outputs_read_as_they_come_are_sent_one_by_one() -> None:
     received, _ = _deliver([[_out([5])], [_out([6])], [_out([7], finished=True)]])
     assert [o.new_token_ids for o in received] == [[5], [6], [7]]
+
+
+def test_joined_outputs_keep_every_tokens_logprobs_in_order() -> None:
+    def with_logprobs(token: int) -> RequestOutput:
+        out = _out([token])
+        return dataclasses.replace(out, logprobs=[TokenLogprobs(token, -float(token), 1, ((token, -float(token)),))])
+
+    received, _ = _deliver([[with_logprobs(5), with_logprobs(6), with_logprobs(7)], [_out([8], finished=True)]])
+    assert received[0].logprobs is not None
+    assert [(lp.token_id, lp.logprob) for lp in received[0].logprobs] == [(5, -5.0), (6, -6.0), (7, -7.0)]
+    received, _ = _deliver([[_out([5]), _out([6])], [_out([7], finished=True)]])
+    assert received[0].logprobs is None  # none asked for, none made up

@@ -87,6 +87,11 @@ class LoraPlexStub:
                 request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/loraplex.v1.LoraPlex/Tokenize',
+                request_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class LoraPlexServicer:
@@ -160,6 +165,13 @@ class LoraPlexServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The prompt ids a prompt or a chat makes, as Generate would make them; nothing runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoraPlexServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +214,11 @@ def add_LoraPlexServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.FromString,
                     response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.ModelInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=loraplex__proto_dot_v1_dot_loraplex__pb2.TokenizeRequest.FromString,
+                    response_serializer=loraplex__proto_dot_v1_dot_loraplex__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +450,33 @@ class LoraPlex:
             '/loraplex.v1.LoraPlex/GetModelInfo',
             loraplex__proto_dot_v1_dot_loraplex__pb2.GetModelInfoRequest.SerializeToString,
             loraplex__proto_dot_v1_dot_loraplex__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.LoraPlex/Tokenize',
+            loraplex__proto_dot_v1_dot_loraplex__pb2.TokenizeRequest.SerializeToString,
+            loraplex__proto_dot_v1_dot_loraplex__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

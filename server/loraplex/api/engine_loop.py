@@ -7,7 +7,8 @@
         └── queue.put_nowait <── call_soon_threadsafe(dispatch, outputs)
 
 No disk work on the event loop: a request that names an adapter directory not yet
-registered (auto-register) has it read and hashed on a worker thread first. add_request
+registered (auto-register) has it read and hashed on a worker thread first, and a chat is
+rendered with its template and tokenized there too. add_request
 itself runs on the loop, synchronously, so the request is in the engine's inbox before any
 abort of it can be. A handler that stops listening (client cancel, disconnect, deadline)
 aborts its request; the engine frees its KV blocks and adapter slot at the next step.
@@ -29,15 +30,17 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 import grpc
 
 from loraplex.api.errors import ApiError
 from loraplex.api.validation import GenerateArgs
 from loraplex.engine.engine import Engine
+from loraplex.engine.prompts import ChatMessage
 from loraplex.engine.request import ErrorKind, RequestOutput
-from loraplex.rules import new_request_id
+from loraplex.lora.adapter_version import AdapterVersion
+from loraplex.rules import InvalidFieldError, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,24 @@ class EngineLoop:
     def num_streams(self) -> int:
         return len(self._streams)
 
+    async def resolve_adapter(self, adapter_id: str | None) -> AdapterVersion | None:
+        """The current version of an adapter id (None: the base model)."""
+        if adapter_id is None:
+            return None
+        adapter = self.engine.lookup_adapter(adapter_id)
+        if adapter is None:  # auto-register reads and hashes the directory: a worker thread's job
+            adapter = await asyncio.to_thread(self.engine.resolve_adapter, adapter_id)
+        return adapter
+
+    async def tokenize(self, prompt: str | None, messages: Sequence[ChatMessage] | None, adapter_id: str | None) -> list[int]:
+        """The prompt ids Generate would make of a prompt or a chat (Tokenize, POST /tokenize)."""
+        if (prompt is None) == (messages is None):
+            raise InvalidFieldError("prompt", "give exactly one of prompt and messages")
+        adapter = await self.resolve_adapter(adapter_id)  # an unknown id is NOT_FOUND, as in Generate
+        if messages is not None:
+            return await asyncio.to_thread(self.engine.chat_prompt_ids, messages, adapter)
+        return await asyncio.to_thread(self.engine.prompts.encode, prompt or "")
+
     async def stream(self, args: GenerateArgs) -> AsyncGenerator[RequestOutput, None]:
         """Add a request and yield its outputs until it finishes; abort it if left early."""
         rid = args.request_id or new_request_id()
@@ -115,15 +136,12 @@ class EngineLoop:
         self._streams[rid] = queue
         added = finished = False
         try:
-            adapter = None
-            if args.adapter_id is not None:
-                adapter = self.engine.lookup_adapter(args.adapter_id)
-                if adapter is None:  # auto-register reads and hashes the directory: a worker thread's job
-                    adapter = await asyncio.to_thread(self.engine.resolve_adapter, args.adapter_id)
+            adapter = await self.resolve_adapter(args.adapter_id)
+            prompt_ids = args.prompt_token_ids
+            if args.messages is not None:  # Jinja and the tokenizer: a worker thread's job too
+                prompt_ids = await asyncio.to_thread(self.engine.chat_prompt_ids, args.messages, adapter)
             # Synchronous on purpose: the request is in the engine's inbox before any abort can be.
-            self.engine.add_request(
-                args.prompt, args.params, None, rid, prompt_token_ids=args.prompt_token_ids, adapter=adapter
-            )
+            self.engine.add_request(args.prompt, args.params, None, rid, prompt_token_ids=prompt_ids, adapter=adapter)
             added = True
             pending: RequestOutput | None = None  # a final output read while joining, sent next
             while True:
@@ -153,7 +171,9 @@ class EngineLoop:
 
 
 def joined(first: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """Two consecutive unfinished outputs of one request as one."""
+    """Two consecutive unfinished outputs of one request as one (tokens, text and logprobs)."""
+    logprobs = None if first.logprobs is None and later.logprobs is None else [*(first.logprobs or ()), *(later.logprobs or ())]
     return dataclasses.replace(
-        later, new_token_ids=first.new_token_ids + later.new_token_ids, new_text=first.new_text + later.new_text
+        later, new_token_ids=first.new_token_ids + later.new_token_ids, new_text=first.new_text + later.new_text,
+        logprobs=logprobs,
     )

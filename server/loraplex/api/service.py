@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import shutil
@@ -18,7 +19,7 @@ from loraplex import __version__
 from loraplex.api.auth import current_caller, resolve_adapter_id
 from loraplex.api.engine_loop import EngineLoop
 from loraplex.api.errors import ApiError, ended_status, invalid, status_of
-from loraplex.api.validation import GenerateArgs, parse_generate
+from loraplex.api.validation import MAX_PROMPT_CHARS, GenerateArgs, messages_from_proto, parse_generate
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import FinishReason, RequestOutput
@@ -87,6 +88,16 @@ def streaming(method: F) -> F:
     return run  # type: ignore[return-value]
 
 
+def _logprobs(out: RequestOutput) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in out.logprobs or ()
+    ]
+
+
 def _usage(out: RequestOutput, started: float) -> pb.Usage:
     u = out.usage
     if u is None:
@@ -116,7 +127,7 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         # The id is fixed here so that every log line of this call names it (logs.current_request_id).
         request_id = args.request_id or new_request_id()
         current_request_id.set(request_id)
-        return GenerateArgs(args.prompt, args.prompt_token_ids, adapter_id, args.params, request_id)
+        return dataclasses.replace(args, adapter_id=adapter_id, request_id=request_id)
 
     @unary
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -124,9 +135,11 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         args = self._args(request)
         text: list[str] = []
         tokens: list[int] = []
+        logprobs: list[pb.TokenLogprob] = []
         async for out in self.engine_loop.stream(args):
             text.append(out.new_text)
             tokens.extend(out.new_token_ids)
+            logprobs.extend(_logprobs(out))
             if out.finished:
                 error = ended_status(out)
                 if error is not None:
@@ -140,6 +153,7 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
                     usage=_usage(out, started),
                     adapter_id=args.adapter_id or "",
                     adapter_version=out.adapter_version or 0,
+                    logprobs=logprobs,
                 )
         raise ApiError(grpc.StatusCode.INTERNAL, "the request ended without a final output")
 
@@ -152,7 +166,9 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         async for out in self.engine_loop.stream(args):
             if not out.finished:
                 if out.new_token_ids or out.new_text:
-                    yield pb.GenerateStreamResponse(request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids)
+                    yield pb.GenerateStreamResponse(
+                        request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids, logprobs=_logprobs(out)
+                    )
                 continue
             error = ended_status(out)
             if error is not None:
@@ -164,7 +180,20 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
                 token_ids=out.new_token_ids,
                 finish_reason=FINISH[out.finish_reason],
                 usage=_usage(out, started),
+                logprobs=_logprobs(out),
             )
+
+    @unary
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        if len(request.prompt) > MAX_PROMPT_CHARS:
+            raise invalid("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        adapter_id = None
+        if request.adapter_id:
+            check_adapter_id(request.adapter_id)
+            adapter_id = resolve_adapter_id(current_caller(), request.adapter_id)
+        messages = messages_from_proto(request.messages)
+        ids = await self.engine_loop.tokenize(request.prompt or None, messages, adapter_id)
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
     # -- adapters ----------------------------------------------------------------------------
 

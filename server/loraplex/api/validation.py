@@ -3,16 +3,19 @@
 Each rule is checked where it lives, not again here: sampling ranges and defaults by
 SamplingParams, adapter and request ids by loraplex.rules, the prompt (one of text or ids,
 the vocabulary, its length against the longest sequence the engine holds) by
-Engine.add_request. What stays here is what only the wire needs: a bound on the text's
-size before it is tokenized, and max_new_tokens within the model's context. Every failure
-is an InvalidFieldError naming the proto field (INVALID_ARGUMENT).
+Engine.add_request, chat messages and their template by engine/prompts.py. What stays here
+is what only the wire needs: a bound on the text's size before it is tokenized, messages
+instead of (not beside) a prompt, and max_new_tokens within the model's context. Every
+failure is an InvalidFieldError naming the proto field (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loraplex.engine.prompts import ChatMessage
 from loraplex.engine.request import SamplingParams
 from loraplex.rules import InvalidFieldError, check_adapter_id, check_request_id
 from loraplex_proto.v1 import loraplex_pb2 as pb
@@ -20,7 +23,7 @@ from loraplex_proto.v1 import loraplex_pb2 as pb
 MAX_PROMPT_CHARS = 1 << 20
 # GenerateRequest's `optional` fields that are SamplingParams fields of the same name:
 # unset, they take SamplingParams' defaults.
-OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
+OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "logprobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +33,15 @@ class GenerateArgs:
     adapter_id: str | None
     params: SamplingParams
     request_id: str | None
+    messages: tuple[ChatMessage, ...] | None = None  # instead of a prompt: rendered with the adapter's chat template
 
 
 def parse_generate(req: pb.GenerateRequest, *, max_model_len: int) -> GenerateArgs:
     if len(req.prompt) > MAX_PROMPT_CHARS:
         raise InvalidFieldError("prompt", f"prompt: longer than {MAX_PROMPT_CHARS} characters")
+    messages = messages_from_proto(req.messages)
+    if messages is not None and (req.prompt or req.prompt_token_ids):
+        raise InvalidFieldError("messages", "give exactly one of prompt, prompt_token_ids and messages")
     adapter_id = req.adapter_id or None
     if adapter_id is not None:
         check_adapter_id(adapter_id)
@@ -54,4 +61,13 @@ def parse_generate(req: pb.GenerateRequest, *, max_model_len: int) -> GenerateAr
         adapter_id,
         params,
         req.request_id or None,
+        messages,
     )
+
+
+def messages_from_proto(messages: Sequence[pb.ChatMessage]) -> tuple[ChatMessage, ...] | None:
+    if not messages:
+        return None
+    if sum(len(m.content) for m in messages) > MAX_PROMPT_CHARS:
+        raise InvalidFieldError("messages", f"messages: longer than {MAX_PROMPT_CHARS} characters in all")
+    return tuple(ChatMessage(m.role, m.content) for m in messages)
