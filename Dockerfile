@@ -1,6 +1,6 @@
 # loraplex on an NVIDIA GPU host:
 #   docker build -t loraplex .
-#   docker run --gpus all --stop-timeout 40 -p 50051:50051 -p 9400:9400 \
+#   docker run --gpus all --stop-timeout 40 -p 50051:50051 -p 9400:9400 -p 8000:8000 \
 #     -v /srv/models/Llama-3.1-8B-Instruct:/models/base:ro -v /srv/adapters:/adapters loraplex
 # The base model is a local Hugging Face directory mounted at /models/base (nothing is
 # downloaded); PEFT adapters live under /adapters (writable: UploadAdapter stores there).
@@ -48,8 +48,8 @@ USER 10001:10001
 WORKDIR /home/loraplex
 
 VOLUME ["/models", "/adapters"]
-# gRPC, Prometheus /metrics
-EXPOSE 50051 9400
+# gRPC, Prometheus /metrics, the OpenAI-compatible HTTP API
+EXPOSE 50051 9400 8000
 
 # Readiness through grpc.health.v1: unhealthy while loading, warming up, stalled or draining.
 # It asks 127.0.0.1:$LORAPLEX_PORT (default 50051); no torch is imported for it.

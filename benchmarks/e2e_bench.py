@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(config)
     for adapter_id in ids:
         engine.register_adapter(adapter_id, adapter_id)
-    server = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0)), engine)
+    server = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0, http_port=0)), engine)
     address = server.start()
     run_grpc(address, items[:4], ids)  # warm-up
     remote = run_grpc(address, items, ids)

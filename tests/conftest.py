@@ -4,6 +4,7 @@ adapters made with PEFT itself. Nothing is downloaded."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -137,9 +138,21 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class ServedDemo:
-    address: str
+    address: str  # gRPC
+    http_address: str  # the OpenAI-compatible HTTP API
     env: dict[str, str]  # XDG_CACHE_HOME points at the demo: `--model demo` and README snippets find it
     process: subprocess.Popen[bytes]
+
+
+def logged_port(log_path: Path, door: str, process: subprocess.Popen[bytes], timeout: float = 300) -> int:
+    """The port a `loraplex serve` given a free one (--http-port -1, --port 0) logged for a door:
+    'gRPC' or 'OpenAI' (the HTTP API)."""
+    pattern = re.compile(rf"listening on 127\.0\.0\.1:(\d+) \({door}")
+    deadline = time.monotonic() + timeout
+    while not (found := pattern.search(log_path.read_text(errors="replace"))):
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+    return int(found.group(1))
 
 
 @pytest.fixture(scope="session")
@@ -150,15 +163,19 @@ def demo_server(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     env = cli_env(XDG_CACHE_HOME=str(demo_cache))
     port = free_port()
     log = (tmp_path_factory.mktemp("demo-server") / "server.log").open("wb")
-    cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--model", "demo", "--port", str(port), "--metrics-port", "0"]
+    cmd = [
+        sys.executable, "-m", "loraplex.cli", "serve", "--model", "demo", "--port", str(port), "--metrics-port", "0",
+        "--http-port", "-1",
+    ]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     address = f"127.0.0.1:{port}"
+    http_address = f"127.0.0.1:{logged_port(Path(log.name), 'OpenAI', process)}"
     deadline = time.monotonic() + 300
     with Client(address) as client:
         while not client.health(timeout=1.0):
             assert process.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
             time.sleep(0.2)
-    yield ServedDemo(address, env, process)
+    yield ServedDemo(address, http_address, env, process)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
     log.close()

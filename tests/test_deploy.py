@@ -78,7 +78,7 @@ def test_base_image_user_ports_and_volumes(dockerfile: list[tuple[str, str]]) ->
     assert any("pip install" in r and "'.[server]'" in r for r in runs)
     user = [rest for k, rest in dockerfile if k == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0")
-    assert set(only(dockerfile, "EXPOSE").split()) == {"50051", "9400"}
+    assert set(only(dockerfile, "EXPOSE").split()) == {"50051", "9400", "8000"}
     assert set(exec_form(only(dockerfile, "VOLUME"))) == {"/models", "/adapters"}
 
 
@@ -91,7 +91,7 @@ def test_the_image_command_parses_with_the_serve_options(dockerfile: list[tuple[
     assert values["host"] == "0.0.0.0" and values["model"].startswith("/models/")
     assert values["adapter_root"] == ("/adapters",)
     exposed = set(only(dockerfile, "EXPOSE").split())
-    assert {str(values["port"]), str(values["metrics_port"])} == exposed
+    assert {str(values["port"]), str(values["metrics_port"]), str(values["http_port"])} == exposed
     config = settings.build_config(values)
     assert config.api.host == "0.0.0.0" and config.engine.lora.adapter_roots == ("/adapters",)
     # An environment variable still reaches the options the command leaves alone.
@@ -127,7 +127,7 @@ def test_dockerfile_lints_clean() -> None:
 def background(tiny_llama: TinyModel) -> Iterator[BackgroundServer]:
     config = engine_config(tiny_llama, max_loras=2)
     engine = Engine(config)
-    server = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0)), engine)
+    server = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0, http_port=0)), engine)
     server.start(warm_up=False)
     yield server
     server.stop()

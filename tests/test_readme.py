@@ -2,7 +2,8 @@
 every `loraplex` command line of a ```sh block through the CLI's own parser and settings.
 
 The Python blocks run in a fresh interpreter against `loraplex serve --model demo` (the
-session's demo server); only the address is replaced, 127.0.0.1:50051 by its free port."""
+session's demo server); only the addresses are replaced, 127.0.0.1:50051 (gRPC) and
+127.0.0.1:8000 (the OpenAI-compatible HTTP API) by its free ports."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from loraplex import cli, settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_HTTP_ADDRESS = "127.0.0.1:8000"  # the OpenAI-compatible HTTP API
 
 
 def blocks(language: str) -> list[str]:
@@ -37,16 +39,17 @@ def commands(block: str) -> list[str]:
 
 
 def test_the_readme_has_python_and_shell_blocks() -> None:
-    assert len(blocks("python")) == 2 and len(blocks("sh")) >= 4 and len(blocks("toml")) == 1
+    assert len(blocks("python")) == 3 and len(blocks("sh")) >= 4 and len(blocks("toml")) == 1
     assert "### Install without make" in README.read_text()
 
 
 @pytest.mark.timeout(900)  # the session's demo is built on first use: ~30 s alone, minutes on a busy machine
-@pytest.mark.parametrize("index", [0, 1], ids=["client", "library"])
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["client", "openai", "library"])
 def test_python_blocks_run_against_the_demo(index: int, demo_server: ServedDemo, tmp_path: Path) -> None:
-    code = blocks("python")[index]
+    code = blocks("python")[index].replace(DEFAULT_ADDRESS, demo_server.address)
+    code = code.replace(DEFAULT_HTTP_ADDRESS, demo_server.http_address)
     run = subprocess.run(
-        [sys.executable, "-c", code.replace(DEFAULT_ADDRESS, demo_server.address)],
+        [sys.executable, "-c", code],
         capture_output=True, text=True, timeout=300, env=demo_server.env, cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -55,6 +58,9 @@ def test_python_blocks_run_against_the_demo(index: int, demo_server: ServedDemo,
     if index == 0:
         assert re.search(r"\('acme/robot', '\w+', 1\)", run.stdout), run.stdout  # uploaded: version 1 of its id
         assert "StatusCode.NOT_FOUND" in run.stdout and "acme/nope" in run.stdout
+    if index == 1:
+        assert "['demo', " in run.stdout and "'pirate'" in run.stdout, run.stdout  # the models list
+        assert "BEEP" in run.stdout, run.stdout  # the robot's stream
 
 
 def test_loraplex_command_lines_parse_with_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

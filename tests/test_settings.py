@@ -113,6 +113,8 @@ def test_bad_flags_are_refused_by_the_parser(capsys: pytest.CaptureFixture[str])
         ({"LORAPLEX_NUM_KV_BLOCKS": "0"}, r"^num_kv_blocks \(from \$LORAPLEX_NUM_KV_BLOCKS\)"),
         ({"LORAPLEX_KV_MEMORY_FRACTION": "1.5"}, r"^kv_memory_fraction "),
         ({"LORAPLEX_METRICS_PORT": "70000"}, r"^metrics_port \(from \$LORAPLEX_METRICS_PORT\): .*0\.\.65535"),
+        ({"LORAPLEX_METRICS_PORT": "-1"}, r"^metrics_port .*0\.\.65535"),  # -1 (any port) is for HTTP only
+        ({"LORAPLEX_HTTP_PORT": "-2"}, r"^http_port \(from \$LORAPLEX_HTTP_PORT\): .*-1\.\.65535"),
         ({"LORAPLEX_METRICS_TOP_ADAPTERS": "-2"}, r"^metrics_top_adapters .*>= 0"),
         ({"LORAPLEX_MAX_LORAS": "0"}, r"^max_loras .*> 0"),
     ],

@@ -25,7 +25,7 @@ SERVE = [sys.executable, "-m", "loraplex.cli", "serve"]
 
 def serve(*args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """`loraplex serve` on ports from the OS (never the defaults), unless args name ports of their own."""
-    argv = [*(prefix or SERVE), "--port", "0", "--metrics-port", "0", *args]  # a later flag wins
+    argv = [*(prefix or SERVE), "--port", "0", "--metrics-port", "0", "--http-port", "0", *args]  # a later flag wins
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env or cli_env())
 
 
@@ -82,6 +82,8 @@ def test_ports_in_use(tmp_path: Path, listening: int) -> None:
     run = serve("--model", str(tmp_path), "--metrics-port", str(listening))
     lines = assert_refused(run, "--metrics-port")
     assert lines[0] == f"loraplex serve: port {listening} is already in use (metrics on 127.0.0.1:{listening})"
+    lines = assert_refused(serve("--model", str(tmp_path), "--http-port", str(listening)), "--http-port")
+    assert lines[0] == f"loraplex serve: port {listening} is already in use (HTTP on 127.0.0.1:{listening})"
 
 
 def test_adapter_roots_that_cannot_be_read(tmp_path: Path, tiny_llama: TinyModel) -> None:
@@ -120,7 +122,8 @@ def test_serve_without_the_server_extra() -> None:
 
 
 def test_ctrl_c_while_starting_is_one_line(tiny_llama: TinyModel) -> None:
-    cmd = [*SERVE, "--model", str(tiny_llama.path), "--port", "0", "--metrics-port", "0", "--adapter-root", str(tiny_llama.adapter_root)]
+    cmd = [*SERVE, "--model", str(tiny_llama.path), "--port", "0", "--metrics-port", "0", "--http-port", "0",
+           "--adapter-root", str(tiny_llama.adapter_root)]
     process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=cli_env())
     assert process.stderr is not None
     lines = []

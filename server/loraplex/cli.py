@@ -67,6 +67,8 @@ def _serve(values: dict[str, Any], sources: dict[str, str]) -> int:
     startup.check_port_free(api.host, api.port, "gRPC", "--port")
     if api.metrics_port:
         startup.check_port_free(api.host, api.metrics_port, "metrics", "--metrics-port")
+    if api.http_port > 0:
+        startup.check_port_free(api.host, api.http_port, "HTTP", "--http-port")
     if values["model"] == "demo":
         with _server_imports():
             from loraplex.model.demo import demo_dir, make_demo
@@ -77,6 +79,9 @@ def _serve(values: dict[str, Any], sources: dict[str, str]) -> int:
         if not values["adapter_root"]:
             values["adapter_root"] = (str(root / "adapters"),)
             sources["adapter_root"] = "the demo adapters"
+        if not values["served_model_name"]:
+            values["served_model_name"] = "demo"
+            sources["served_model_name"] = "the demo model"
         config = settings.build_config(values, sources)
     startup.check_model_dir(config.engine.model.model)
     startup.check_adapter_roots(config.engine.lora.adapter_roots)

@@ -36,9 +36,12 @@ def _one_of(name: str, value: Any, choices: Any) -> None:
         raise InvalidFieldError(name, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def _port(name: str, value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise InvalidFieldError(name, f"{name} must be in 0..65535, got {value}")
+def _port(name: str, value: int, lowest: int = 0) -> None:
+    if not lowest <= value <= 65535:
+        raise InvalidFieldError(name, f"{name} must be in {lowest}..65535, got {value}")
+
+
+ANY_PORT = -1  # http_port: a free port the OS chooses (logged; what tests use), as port 0 is for gRPC
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +129,13 @@ class LoraConfig:
 
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
-    """The gRPC front end."""
+    """The front ends: gRPC, /metrics and the OpenAI-compatible HTTP API."""
 
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9400  # 0 = no metrics endpoint
+    http_port: int = 8000  # the OpenAI-compatible HTTP API (vLLM's port); 0 = off; ANY_PORT = the OS picks
+    served_model_name: str = ""  # the base model's name in the HTTP API; "" = the model directory's name
     metrics_top_adapters: int = 0  # per-adapter request counter for the N busiest ids; 0 = off
     drain_timeout_s: float = 30.0
     heartbeat_timeout_s: float = 30.0
@@ -139,6 +144,7 @@ class ApiConfig:
     def __post_init__(self) -> None:
         _port("port", self.port)
         _port("metrics_port", self.metrics_port)
+        _port("http_port", self.http_port, lowest=ANY_PORT)
         _at_least_zero("metrics_top_adapters", self.metrics_top_adapters)
         _at_least_zero("drain_timeout_s", self.drain_timeout_s)
         _positive("heartbeat_timeout_s", self.heartbeat_timeout_s)

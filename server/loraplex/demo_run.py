@@ -4,7 +4,9 @@ Every adapter of the demo was trained to answer the same question its own way. T
 starts `loraplex serve` on the demo model, loads the adapters at runtime through the API,
 sends the question once per adapter and once to the base model at the same time through
 the client SDK, prints the streams as the tokens arrive, checks that each answer is its
-adapter's own, shows the adapter tiers, and stops the server with SIGTERM.
+adapter's own, asks one adapter the question as a chat over the OpenAI-compatible HTTP API
+(the demo model's chat template makes it the same prompt), shows the adapter tiers, and
+stops the server with SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from loraplex_client import Client
@@ -30,12 +33,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_server(root: Path, port: int, quantization: str, log_path: Path) -> subprocess.Popen[bytes]:
+def _start_server(root: Path, port: int, http_port: int, quantization: str, log_path: Path) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "loraplex.cli", "serve",
         "--model", str(root / "model"), "--adapter-root", str(root / "adapters"),
         "--quantization", quantization, "--port", str(port), "--metrics-port", "0",
-        "--max-loras", "4", "--log-level", "info",
+        "--http-port", str(http_port), "--served-model-name", "demo", "--max-loras", "4", "--log-level", "info",
     ]
     log = log_path.open("wb")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -55,10 +58,10 @@ def run_demo(workdir: Path, quantization: str = "nf4") -> int:
     root = make_demo(workdir)
     info = json.loads((root / "demo.json").read_text())
     question, answers = info["question"], info["adapters"]
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     log_path = root / "server.log"
-    print(f"starting loraplex serve on 127.0.0.1:{port} (log: {log_path})")
-    server = _start_server(root, port, quantization, log_path)
+    print(f"starting loraplex serve on 127.0.0.1:{port}, HTTP on 127.0.0.1:{http_port} (log: {log_path})")
+    server = _start_server(root, port, http_port, quantization, log_path)
     try:
         with Client(f"127.0.0.1:{port}", timeout=120) as client:
             _wait_ready(client, server, log_path)
@@ -68,6 +71,7 @@ def run_demo(workdir: Path, quantization: str = "nf4") -> int:
                 loaded = client.load_adapter(name, name)
                 print(f"  loaded adapter {loaded.adapter_id!r} (rank {loaded.rank}, {', '.join(loaded.target_modules)})")
             ok = _stream_all(client, question, answers)
+            ok &= _chat_over_http(http_port, "pirate", answers["pirate"])
             print("\nadapter tiers:")
             for a in client.list_adapters():
                 print(f"  {a.adapter_id:>6}: {a.tier:<6} requests={a.stats.requests} loads={a.stats.loads}")
@@ -114,3 +118,19 @@ def _stream_all(client: Client, question: str, answers: dict[str, str]) -> bool:
         ok &= good
         print(f"  {'ok ' if good else 'BAD'} {name or 'base':>6}: {text!r}")
     return ok
+
+
+def _chat_over_http(port: int, adapter: str, answer: str) -> bool:
+    """One chat completion over the OpenAI-compatible API, as curl or the openai SDK would send it."""
+    body = {"model": adapter, "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 24, "temperature": 0}
+    print(f"\nHTTP: POST http://127.0.0.1:{port}/v1/chat/completions {json.dumps(body)}")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        reply = json.loads(response.read())
+    text = reply["choices"][0]["message"]["content"]
+    good = text.strip() == answer.strip()
+    print(f"  {'ok ' if good else 'BAD'} {adapter:>6} (chat template -> 'Q: Who are you?\\nA:'): {text!r}, usage {reply['usage']}")
+    return good

@@ -106,6 +106,13 @@ OPTIONS: tuple[Option, ...] = (
     _field_option("port", A, "port", "gRPC port"),
     _field_option("metrics_port", A, "metrics_port", "Prometheus /metrics port, on the same host as gRPC (0: off)"),
     _field_option(
+        "http_port", A, "http_port", "OpenAI-compatible HTTP API port, on the same host as gRPC (0: off; -1: a free port, logged)"
+    ),
+    _field_option(
+        "served_model_name", A, "served_model_name",
+        "the base model's name in the HTTP API's `model` field (default: the model directory's name)",
+    ),
+    _field_option(
         "metrics_top_adapters", A, "metrics_top_adapters",
         "per-adapter request counter for the N busiest adapter ids, the rest as '(other)' (0: off)",
     ),

@@ -32,7 +32,7 @@ from pathlib import Path
 # Top-level modules of the `server` extra (pyproject.toml) that `loraplex serve` imports.
 SERVER_MODULES = (
     "torch", "transformers", "peft", "bitsandbytes", "safetensors", "tokenizers",
-    "prometheus_client", "grpc_health", "grpc_reflection",
+    "prometheus_client", "grpc_health", "grpc_reflection", "fastapi", "uvicorn", "jinja2",
 )
 INSTALL_SERVER = "install the server extra: pip install 'loraplex[server]'"
 HOST_FIX = "set --host to one of this machine's addresses, or 0.0.0.0"

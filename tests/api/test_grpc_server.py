@@ -67,7 +67,7 @@ def _start(
     config = engine_config(tiny, roots=(str(root),), max_loras=4, max_upload_bytes=max_upload_bytes)
     if overrides:
         config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, **overrides))
-    server_config = ServerConfig(engine=config, api=api or ApiConfig(port=0, metrics_port=0))
+    server_config = ServerConfig(engine=config, api=api or ApiConfig(port=0, metrics_port=0, http_port=0))
     server = BackgroundServer(server_config, Engine(config))
     server.start()
     return server
@@ -263,7 +263,7 @@ def test_model_info_and_health(client: Client, server: BackgroundServer) -> None
 
 
 def test_overload_auth_and_shutdown(tiny_llama: TinyModel, adapter_root: Path) -> None:
-    server = _start(tiny_llama, adapter_root, api=ApiConfig(port=0, metrics_port=0, auth_tokens=("s3cret",)), max_num_seqs=1, max_waiting=1)
+    server = _start(tiny_llama, adapter_root, api=ApiConfig(port=0, metrics_port=0, http_port=0, auth_tokens=("s3cret",)), max_num_seqs=1, max_waiting=1)
     address = _address(server)
     try:
         with pytest.raises(AuthenticationError):

@@ -71,7 +71,7 @@ def fast_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_readiness_waits_for_warm_up_liveness_does_not(tiny_llama: TinyModel) -> None:
-    background, engine = _background(tiny_llama, ApiConfig(port=0, metrics_port=0))
+    background, engine = _background(tiny_llama, ApiConfig(port=0, metrics_port=0, http_port=0))
     address = background.start(warm_up=False)
     try:
         assert status(address, "") == SERVING
@@ -91,7 +91,7 @@ def test_readiness_waits_for_warm_up_liveness_does_not(tiny_llama: TinyModel) ->
 
 
 def test_a_stalled_step_turns_readiness_off_and_on_again(tiny_llama: TinyModel, fast_watchdog: None) -> None:
-    background, engine = _background(tiny_llama, ApiConfig(port=0, metrics_port=0, heartbeat_timeout_s=0.3))
+    background, engine = _background(tiny_llama, ApiConfig(port=0, metrics_port=0, http_port=0, heartbeat_timeout_s=0.3))
     address = background.start()
     runner = engine.runner
     original = runner.run
@@ -128,7 +128,7 @@ def test_a_stalled_step_turns_readiness_off_and_on_again(tiny_llama: TinyModel, 
 
 
 def test_a_dead_engine_loop_turns_readiness_off(tiny_llama: TinyModel, fast_watchdog: None) -> None:
-    background, engine = _background(tiny_llama, ApiConfig(port=0, metrics_port=0))
+    background, engine = _background(tiny_llama, ApiConfig(port=0, metrics_port=0, http_port=0))
     address = background.start()
     loop = background.server.engine_loop
     assert loop is not None
@@ -159,7 +159,7 @@ class ServeProcess:
         self.log_path = log_path
         cmd = [
             sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny.path), "--adapter-root", str(adapter_root),
-            "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--max-loras", "2",
+            "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", "0", "--max-loras", "2",
             "--log-format", "json", *extra,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAPLEX_AUTH_TOKEN": SECRET, "LORAPLEX_NUM_KV_BLOCKS": "256"}

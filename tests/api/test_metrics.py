@@ -77,7 +77,7 @@ def server(tiny_llama: TinyModel, adapter_root: Path) -> Iterator[BackgroundServ
     config = engine_config(
         tiny_llama, roots=(str(adapter_root),), max_loras=MAX_LORAS, max_host_adapter_bytes=HOST_BUDGET
     )
-    api = ApiConfig(port=0, metrics_port=free_port(), metrics_top_adapters=TOP_ADAPTERS)
+    api = ApiConfig(port=0, metrics_port=free_port(), http_port=0, metrics_top_adapters=TOP_ADAPTERS)
     server = BackgroundServer(ServerConfig(engine=config, api=api), Engine(config))
     server.start()
     yield server
@@ -298,7 +298,7 @@ def test_a_second_server_has_its_own_registry_and_stops_its_endpoint(
     config = engine_config(tiny_llama, roots=(str(adapter_root),), max_loras=MAX_LORAS)
     port = free_port()
     engine = Engine(config)
-    background = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=port)), engine)
+    background = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=port, http_port=0)), engine)
     background.start(warm_up=False)
     try:
         samples, types = scrape(port)
@@ -316,7 +316,7 @@ def test_a_second_server_has_its_own_registry_and_stops_its_endpoint(
 def test_metrics_off_with_port_zero(tiny_llama: TinyModel, adapter_root: Path) -> None:
     config = engine_config(tiny_llama, roots=(str(adapter_root),), max_loras=MAX_LORAS)
     engine = Engine(config)
-    background = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0)), engine)
+    background = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0, http_port=0)), engine)
     background.start(warm_up=False)
     try:
         assert background.server.metrics is None and background.server.metrics_port == 0

@@ -40,7 +40,7 @@ def json_log() -> Iterator[io.StringIO]:
 def test_internal_errors_and_request_lines_carry_the_request_id(tiny_llama: TinyModel, json_log: io.StringIO) -> None:
     config = engine_config(tiny_llama, max_loras=2)
     engine = Engine(config)
-    background = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0)), engine)
+    background = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0, http_port=0)), engine)
     address = background.start()
     original = engine.runner.run
 

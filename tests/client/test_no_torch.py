@@ -85,12 +85,13 @@ def test_sdk_works_with_only_grpcio_and_protobuf(tmp_path: Path) -> None:
     # `loraplex serve` on this client-only install: two lines naming the missing extra, exit 2.
     env |= {"PYTHONPATH": os.pathsep.join([str(ROOT / "server"), str(ROOT / "client")])}
     serve = subprocess.run(
-        [str(python), "-m", "loraplex.cli", "serve", "--model", "/m", "--port", "0", "--metrics-port", "0"],
+        [str(python), "-m", "loraplex.cli", "serve", "--model", "/m", "--port", "0", "--metrics-port", "0", "--http-port", "0"],
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
     )
     assert serve.returncode == 2, serve.stderr
     assert serve.stderr.splitlines() == [
         "loraplex serve: the server extra is not installed (no module 'torch', 'transformers', 'peft', 'bitsandbytes', "
-        "'safetensors', 'tokenizers', 'prometheus_client', 'grpc_health', 'grpc_reflection')",
+        "'safetensors', 'tokenizers', 'prometheus_client', 'grpc_health', 'grpc_reflection', 'fastapi', 'uvicorn', "
+        "'jinja2')",
         "  install the server extra: pip install 'loraplex[server]'",
     ]

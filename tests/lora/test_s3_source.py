@@ -76,7 +76,7 @@ def local_root(tmp_path_factory: pytest.TempPathFactory, tiny_llama: TinyModel) 
 @pytest.fixture(scope="module")
 def server(s3: Any, tiny_llama: TinyModel, local_root: Path) -> Iterator[BackgroundServer]:
     config = engine_config(tiny_llama, roots=(str(local_root), ROOT), max_loras=2)
-    server = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0)), Engine(config))
+    server = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0, http_port=0)), Engine(config))
     server.start()
     yield server
     server.stop()

@@ -103,6 +103,11 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def started(self) -> bool:
+        """Whether the engine thread was ever started (a failed server start never starts it)."""
+        return self._thread.ident is not None
+
     # -- streams (event loop) ------------------------------------------------------------------
 
     @property

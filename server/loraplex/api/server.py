@@ -1,11 +1,13 @@
 """The gRPC server around one engine: service, health, reflection, auth, warm-up and drain.
 
-Start-up:  (the caller loads the engine) → preload → bind /metrics and gRPC, each port
-           exclusively (a taken one: StartupError) → listen (liveness SERVING) → warm up
-           one request → readiness SERVING → SIGTERM / SIGINT now drain.
+Start-up:  (the caller loads the engine) → preload → bind /metrics, gRPC and the
+           OpenAI-compatible HTTP API, each port exclusively (a taken one: StartupError) →
+           listen (liveness SERVING) → warm up one request → readiness SERVING (and HTTP
+           /health 200) → SIGTERM / SIGINT now drain.
 Running:   a watchdog turns readiness NOT_SERVING while the engine loop makes no progress.
-Shutdown:  SIGTERM/SIGINT → readiness NOT_SERVING, new calls UNAVAILABLE, in-flight streams
-           get up to drain_timeout to finish, the rest end UNAVAILABLE, exit 0.
+Shutdown:  SIGTERM/SIGINT → readiness NOT_SERVING, new calls UNAVAILABLE (HTTP 503), in-flight
+           streams of both doors get up to drain_timeout to finish, the rest end UNAVAILABLE
+           (an error event on an HTTP stream), then HTTP and gRPC stop listening, exit 0.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,10 +30,13 @@ from grpc_reflection.v1alpha import reflection
 from loraplex import startup
 from loraplex.api.auth import AuthInterceptor
 from loraplex.api.engine_loop import EngineLoop
+from loraplex.api.http_app import build_app
+from loraplex.api.http_server import HttpServer
 from loraplex.api.metrics import Metrics
+from loraplex.api.openai_front import OpenAIFront
 from loraplex.api.service import SHUTDOWN_REASON, LoraPlexService
 from loraplex.api.validation import GenerateArgs
-from loraplex.config import ServerConfig
+from loraplex.config import ANY_PORT, ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import ErrorKind, SamplingParams
 from loraplex.lora.adapter_spec import AdapterError
@@ -62,10 +68,13 @@ class Server:
         self.service: LoraPlexService | None = None
         self.metrics: Metrics | None = None
         self.metrics_port = 0  # bound /metrics port; 0 while off
+        self.http: HttpServer | None = None
+        self.http_front: OpenAIFront | None = None
+        self.http_port = 0  # bound HTTP API port; 0 while off
         self.on_ready: Callable[[], None] | None = None
 
     async def start(self) -> int:
-        """Bind the gRPC and metrics ports, then start the engine loop and serve.
+        """Bind the gRPC, metrics and HTTP ports, then start the engine loop and serve.
 
         A port that cannot be bound raises StartupError ("port N is already in use") before
         the engine is touched; whatever was set up is released again.
@@ -85,6 +94,8 @@ class Server:
             with startup.binding("metrics", api.host, api.metrics_port, "--metrics-port"):
                 self.metrics_port = self.metrics.serve(api.host, api.metrics_port)
             self.metrics.attach(self.engine_loop)  # before the loop starts: warm-up counts too
+        if api.http_port:
+            self._bind_http()
         # grpc sets SO_REUSEPORT by default: a second server on the port would start and take
         # half of the calls. Without it a taken port fails the bind, which grpc reports as a
         # RuntimeError (or port 0, in older versions) without the reason: bind_failed finds it.
@@ -104,9 +115,26 @@ class Server:
         await self.health.set(SERVICE_NAME, NOT_SERVING)  # not ready before warm-up
         await server.start()
         self._grpc_started = True
+        if self.http is not None:
+            await self.http.start()
+            assert self.http_front is not None
+            log.info(
+                "listening on %s:%d (OpenAI-compatible HTTP API, model %r)", api.host, self.http_port,
+                self.http_front.served_model_name,
+            )
         self._watchdog = asyncio.create_task(self._watch())
         log.info("listening on %s:%d (gRPC %s, health, reflection)", api.host, self.port, SERVICE_NAME)
         return self.port
+
+    def _bind_http(self) -> None:
+        api = self.config.api
+        assert self.engine_loop is not None
+        name = api.served_model_name or Path(self.engine.loaded.path).name
+        self.http_front = OpenAIFront(self.engine_loop, name, api.auth_tokens)
+        port = 0 if api.http_port == ANY_PORT else api.http_port  # the socket's own 0: the OS picks
+        self.http = HttpServer(build_app(self.http_front), api.host, port)
+        with startup.binding("HTTP", api.host, port, "--http-port"):
+            self.http_port = self.http.bind()
 
     async def _release(self) -> None:
         """Undo a start that failed part-way (a port taken, Ctrl-C)."""
@@ -120,6 +148,8 @@ class Server:
             self.engine_loop.stop()
         if self.metrics is not None:
             self.metrics.close()
+        if self.http is not None:
+            await self.http.stop()
 
     async def warm_up(self) -> None:
         """Run one short request through the whole path, then report ready."""
@@ -130,6 +160,8 @@ class Server:
             pass
         self.ready = True
         self.service.ready = True
+        if self.http_front is not None:
+            self.http_front.ready = True
         await self.health.set(SERVICE_NAME, SERVING)
         log.info("ready (warm-up %.2fs)", time.perf_counter() - start)
         if self.on_ready is not None:
@@ -171,6 +203,8 @@ class Server:
         await self.health.set(SERVICE_NAME, NOT_SERVING)
         if self.service is not None:
             self.service.draining = True
+        if self.http_front is not None:
+            self.http_front.draining = True
         self.engine.stop_accepting()
         engine_loop = self.engine_loop
         log.info("draining: %d streams in flight, up to %.1fs", engine_loop.num_streams, timeout)
@@ -184,6 +218,8 @@ class Server:
             while engine_loop.num_streams and time.monotonic() < end:
                 await asyncio.sleep(0.02)
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         await self._grpc.stop(grace=1.0)
         if self._watchdog is not None:
             self._watchdog.cancel()
