@@ -10,7 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,9 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def free_port() -> int:
+    """A port free now (bind, read, close). Only for a port that must be named in advance and
+    is bound at once in this process: a subprocess gets --port 0 and reports its port
+    (logged_port), since another process may take a port chosen here before it binds."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -161,15 +165,15 @@ def demo_server(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     from loraplex_client import Client
 
     env = cli_env(XDG_CACHE_HOME=str(demo_cache))
-    port = free_port()
-    log = (tmp_path_factory.mktemp("demo-server") / "server.log").open("wb")
+    log_path = tmp_path_factory.mktemp("demo-server") / "server.log"
+    log = log_path.open("wb")
     cmd = [
-        sys.executable, "-m", "loraplex.cli", "serve", "--model", "demo", "--port", str(port), "--metrics-port", "0",
+        sys.executable, "-m", "loraplex.cli", "serve", "--model", "demo", "--port", "0", "--metrics-port", "0",
         "--http-port", "-1",
     ]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    address = f"127.0.0.1:{port}"
-    http_address = f"127.0.0.1:{logged_port(Path(log.name), 'OpenAI', process)}"
+    address = f"127.0.0.1:{logged_port(log_path, 'gRPC', process)}"
+    http_address = f"127.0.0.1:{logged_port(log_path, 'OpenAI', process)}"
     deadline = time.monotonic() + 300
     with Client(address) as client:
         while not client.health(timeout=1.0):
@@ -208,14 +212,134 @@ def engine_config(
     )
 
 
+def engine_leaks(engine: Any) -> list[str]:
+    """What an engine with no unfinished request still holds: each entry is a leak.
+
+    Idle means: no live request, empty scheduler queues, every KV block free, and no adapter
+    version with a device-slot reference or a holder (the counts a leak would grow).
+    """
+    problems = []
+    if engine.has_unfinished():
+        problems.append(f"{engine.num_unfinished} live requests")
+    scheduler = engine.scheduler
+    if scheduler.running or scheduler.waiting:
+        problems.append(f"scheduler holds {len(scheduler.running)} running, {len(scheduler.waiting)} waiting")
+    blocks = engine.blocks
+    if blocks.num_free_blocks != blocks.num_blocks:
+        problems.append(f"{blocks.num_blocks - blocks.num_free_blocks} of {blocks.num_blocks} KV blocks not free")
+    store = engine.store
+    with store._lock:
+        versions = list(store._versions.values()) + [v for v in store._device if v is not None]
+    for version in {id(v): v for v in versions}.values():
+        if version.slot_refs or version.holders:
+            problems.append(f"adapter {version.key}: {version.slot_refs} slot references, {version.holders} holders")
+    snap = engine.stats()
+    if (snap.running, snap.waiting, snap.adapters.slot_refs, snap.adapters.holders) != (0, 0, 0, 0):
+        problems.append(f"stats() not idle: {snap}")
+    return problems
+
+
+def assert_engine_idle(engine: Any) -> None:
+    """The invariant after every engine run: nothing held once nothing runs."""
+    problems = engine_leaks(engine)
+    assert not problems, "engine not idle after its run: " + "; ".join(problems)
+
+
 def wait_idle(engine: Any, timeout: float = 10.0) -> None:
-    """Wait until a server's engine has no unfinished request (its own thread runs the steps)."""
+    """Wait until a server's engine has no unfinished request (its own thread runs the steps),
+    then check that it holds nothing."""
     import time
 
     deadline = time.monotonic() + timeout
     while engine.has_unfinished() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not engine.has_unfinished()
+    assert not engine.has_unfinished(), f"{engine.num_unfinished} requests still live after {timeout}s"
+    # The engine thread finishes a request (remove) before its step returns; give it that step.
+    while engine_leaks(engine) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert_engine_idle(engine)
+
+
+# -- every engine run ends idle, and runs within a step budget ------------------------------
+
+ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()  # every Engine made in this session
+IDLE_STEPS_BUDGET = 3000  # steps that run nothing (adapters loading) per generate(): ~30 s of waits
+
+
+class StepBudgetExceeded(AssertionError):
+    pass
+
+
+def step_budget(requests: int, tokens: int) -> int:
+    """Steps a whole run may take: every token computed alone, each request preempted 3 times."""
+    return 4 * (tokens + requests) + 100
+
+
+def _checked_generate(original: Callable[..., Any]) -> Callable[..., Any]:
+    """offline.generate with a step budget (a bug fails fast, not at the timeout) and the idle check."""
+
+    def generate(engine: Any, prompts: Any, params: Any = None, adapter_ids: Any = None) -> Any:
+        from loraplex.engine.request import SamplingParams
+
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        tokens = sum(len(p.encode() if isinstance(p, str) else p) + q.max_new_tokens for p, q in zip(prompts, params_list))
+        budget, idle_budget = step_budget(len(prompts), tokens), IDLE_STEPS_BUDGET
+        counts = {"steps": 0, "idle": 0}
+        step = engine.step
+
+        def budgeted_step() -> Any:
+            outputs = step()
+            counts["steps"] += 1
+            if engine.last_step is not None and not engine.last_step.num_requests:
+                counts["idle"] += 1
+            if counts["steps"] - counts["idle"] > budget or counts["idle"] > idle_budget:
+                raise StepBudgetExceeded(
+                    f"generate() of {len(prompts)} requests ({tokens} tokens) ran {counts['steps']} steps "
+                    f"({counts['idle']} idle) without finishing: budget {budget} (+{idle_budget} idle); "
+                    f"leaks: {engine_leaks(engine)}"
+                )
+            return outputs
+
+        engine.step = budgeted_step
+        try:
+            results = original(engine, prompts, params, adapter_ids)
+        finally:
+            del engine.step
+        assert_engine_idle(engine)
+        return results
+
+    return generate
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_engines() -> Iterator[None]:
+    from loraplex.engine import offline
+    from loraplex.engine.engine import Engine
+
+    init = Engine.__init__
+
+    def tracking_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        ENGINES.add(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Engine, "__init__", tracking_init)
+        mp.setattr(offline, "generate", _checked_generate(offline.generate))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _engines_end_idle(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test: every engine made so far has finished its requests and holds nothing
+    (servers' engine threads get a few seconds to process the last cancels)."""
+    yield
+    if request.node.get_closest_marker("engine_may_hold") is not None:  # e.g. its engine loop was killed
+        for engine in list(ENGINES):
+            if engine_leaks(engine):
+                ENGINES.discard(engine)
+        return
+    for engine in list(ENGINES):
+        wait_idle(engine, timeout=15.0)
 
 
 POISON_TOKEN = 499  # a prompt starting with it makes the model runner fail

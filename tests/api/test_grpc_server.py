@@ -94,16 +94,24 @@ def _engine(server: BackgroundServer) -> Engine:
     return server.server.engine
 
 
-def test_32_concurrent_streams_match_the_in_process_engine(
-    client: Client, server: BackgroundServer, tiny_llama: TinyModel, adapter_root: Path
+def _text(tokenizer: Any, prompt: list[int], tokens: list[int]) -> str:
+    """What a stream's text should be: the decode of prompt + output past the prompt's own decode."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+    context = prompt[-5:]  # the detokenizer's context (CONTEXT_TOKENS)
+    return decode(context + tokens)[len(decode(context)) :]
+
+
+def test_32_concurrent_streams_match_peft(
+    client: Client, server: BackgroundServer, tiny_llama: TinyModel, llama_peft: Any, adapter_root: Path
 ) -> None:
-    reference_engine = Engine(engine_config(tiny_llama, roots=(str(adapter_root),)))
+    """Each stream's tokens equal PEFT's greedy generate with its adapter (the namespaced ones are
+    copies or new weights of the four PEFT adapters: those are compared with a PEFT model of their own)."""
     jobs = [([5 + i, 17, 33 + 2 * i, 9, 40 + i], ([*ALL_ADAPTERS, None])[i % 9]) for i in range(32)]
-    expected = reference_engine.generate(
-        [p for p, _ in jobs], reference_engine_params := _params(), [a for _, a in jobs]
-    )
-    reference_engine.close()
-    assert reference_engine_params.max_new_tokens == 10
+    variants = _variant_peft(tiny_llama, adapter_root)
+    expected = [
+        variants.greedy(p, a.replace("/", "_"), 10) if a is not None and "/" in a else llama_peft.greedy(p, a, 10)
+        for p, a in jobs
+    ]
 
     def stream(job: tuple[list[int], str | None]) -> tuple[list[int], str, str | None]:
         prompt, adapter = job
@@ -118,16 +126,20 @@ def test_32_concurrent_streams_match_the_in_process_engine(
 
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(stream, jobs))
-    for (tokens, text, reason), exp in zip(results, expected):
-        assert tokens == exp.token_ids and text == exp.text and reason == "length"
+    tokenizer = _engine(server).tokenizer
+    for (tokens, text, reason), exp, (prompt, adapter) in zip(results, expected, jobs):
+        assert tokens == exp, adapter
+        assert text == _text(tokenizer, prompt, exp) and reason == "length"
     wait_idle(_engine(server))
-    assert _engine(server).blocks.num_free_blocks == _engine(server).blocks.num_blocks
 
 
-def _params() -> Any:
-    from loraplex.engine.request import SamplingParams
+def _variant_peft(tiny: TinyModel, adapter_root: Path) -> Any:
+    """PEFT with the four namespaced variants loaded under their ids."""
+    from conftest import PeftReference
 
-    return SamplingParams(max_new_tokens=10, ignore_eos=True)
+    names = ["acme/v0", "acme/v1", "globex/v2", "globex/v3"]
+    view = TinyModel(tiny.arch, tiny.path, {n.replace("/", "_"): adapter_root / n for n in names}, adapter_root)
+    return PeftReference(view)
 
 
 def test_unary_generate_and_usage(client: Client) -> None:
@@ -149,7 +161,7 @@ def test_cancelled_stream_frees_blocks_and_slot(client: Client, server: Backgrou
         if received >= 3:
             break
     version = engine.store.resolve("qv-r4")
-    assert version.slot_refs >= 0
+    assert version.slot_refs == 1 and version.holders == 1  # running: one slot reference, one holder
     stream.close()
     wait_idle(engine)
     assert engine.blocks.num_free_blocks == free
@@ -231,7 +243,8 @@ def test_internal_error_names_the_request_and_others_keep_running(client: Client
             client.generate(prompt_token_ids=[poison, 6, 7], request_id="poisoned-1", max_new_tokens=5)
         rest = list(healthy)
         assert rest[-1].finish_reason == "length"
-    assert client.generate(prompt_token_ids=[5, 6], max_new_tokens=2).finish_reason in ("length", "stop")
+    after = client.generate(prompt_token_ids=[5, 6], max_new_tokens=2, ignore_eos=True)
+    assert after.finish_reason == "length" and len(after.token_ids) == 2
 
 
 def test_unload_waits_or_forces(client: Client, server: BackgroundServer, tiny_llama: TinyModel, adapter_root: Path) -> None:
@@ -265,6 +278,24 @@ def test_model_info_and_health(client: Client, server: BackgroundServer) -> None
 def test_overload_auth_and_shutdown(tiny_llama: TinyModel, adapter_root: Path) -> None:
     server = _start(tiny_llama, adapter_root, api=ApiConfig(port=0, metrics_port=0, http_port=0, auth_tokens=("s3cret",)), max_num_seqs=1, max_waiting=1)
     address = _address(server)
+    engine = server.server.engine
+    engine_loop = server.server.engine_loop
+    assert engine_loop is not None
+    # The streams must still be in flight when the drain timeout fires, however fast the machine:
+    # once both run, every step waits at a gate that only the drain's abort opens.
+    gate, run, abort_all = threading.Event(), engine.runner.run, engine_loop.abort_all
+
+    def gated_run(batch: Any) -> Any:
+        if not gate.is_set() and engine.num_unfinished >= 2:
+            gate.wait(60)
+        return run(batch)
+
+    def opening_abort_all(*args: Any) -> None:
+        abort_all(*args)
+        gate.set()
+
+    engine.runner.run = gated_run  # type: ignore[method-assign]
+    engine_loop.abort_all = opening_abort_all  # type: ignore[method-assign]
     try:
         with pytest.raises(AuthenticationError):
             Client(address).generate("hi")
@@ -275,7 +306,6 @@ def test_overload_auth_and_shutdown(tiny_llama: TinyModel, adapter_root: Path) -
             streams = [
                 client.generate_stream(prompt_token_ids=[5, 6], max_new_tokens=400, ignore_eos=True) for _ in range(2)
             ]
-            engine = server.server.engine
             deadline = time.monotonic() + 10
             while engine.num_unfinished < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -283,14 +313,19 @@ def test_overload_auth_and_shutdown(tiny_llama: TinyModel, adapter_root: Path) -
                 client.generate(prompt_token_ids=[5, 6], max_new_tokens=2)
             # Shutting down: new calls are UNAVAILABLE; the in-flight streams end UNAVAILABLE at the drain timeout.
             drain = server.begin_drain(1.0)
-            time.sleep(0.2)
+            service = server.server.service
+            assert service is not None
+            while not service.draining and time.monotonic() < deadline:
+                time.sleep(0.01)
             with pytest.raises(ServerUnavailableError):
                 client.generate(prompt_token_ids=[5, 6], max_new_tokens=2)
             for s in streams:
                 with pytest.raises(ServerUnavailableError, match="shutting down"):
                     list(s)
             drain.result(10)
+            assert gate.is_set()  # the streams were still running when the drain timeout fired
     finally:
+        gate.set()
         server.close_loop()
     assert server.server.engine.blocks.num_free_blocks == server.server.engine.blocks.num_blocks
 

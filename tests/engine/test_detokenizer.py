@@ -40,6 +40,28 @@ def test_stop_string_is_cut_and_held_back(tokenizer: Any) -> None:
     assert all("thr" not in d for d in deltas)
 
 
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        ("five", "one two three four "),  # the trailing space was held back when the stop completed
+        ("three", "one two "),
+        ("r f", "one two three fou"),
+        ("one", ""),
+        ("six", "one two three four five "),
+    ],
+)
+def test_stop_string_releases_all_the_text_before_it(tokenizer: Any, stop: str, expected: str) -> None:
+    ids = tokenizer("one two three four five six")["input_ids"]
+    detok = Detokenizer(tokenizer, tokenizer("Q:")["input_ids"], (stop,))
+    deltas = []
+    for t in ids:
+        deltas.append(detok.add(t))
+        if detok.stopped:
+            break
+    assert detok.stopped and "".join(deltas) == expected  # released by the step that stopped, no flush
+    assert detok.flush() == ""
+
+
 def test_stop_string_across_tokens_and_unmatched_tail(tokenizer: Any) -> None:
     ids = tokenizer("abc abd abe")["input_ids"]
     deltas, detok = _stream(tokenizer, ids, stop=("abf", "zzz"))

@@ -3,7 +3,10 @@ prefill, stop conditions and bad input. Reference tokens come from PEFT's greedy
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,6 +108,15 @@ def test_abort_frees_blocks_and_slot(llama_engine: Any) -> None:
     assert engine.step() == []
 
 
+def _text_after(tokenizer: Any, prompt: list[int], tokens: list[int]) -> str:
+    """The reference text of `tokens` after `prompt`: decoded with the prompt's last tokens as context."""
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    context = prompt[-5:]
+    return decode(context + tokens)[len(decode(context)) :]
+
+
 def test_stop_token_and_stop_string(llama_engine: Any, llama_peft: Any) -> None:
     prompt = list(range(5, 25))
     reference = llama_peft.greedy(prompt, "qv-r4", 10)
@@ -113,13 +125,42 @@ def test_stop_token_and_stop_string(llama_engine: Any, llama_peft: Any) -> None:
     result = llama_engine.generate([prompt], SamplingParams(max_new_tokens=10, stop_token_ids=(stop_at,)), ["qv-r4"])[0]
     assert result.token_ids == reference[: first + 1] and result.finish_reason == "stop"
 
-    full = llama_engine.generate([prompt], GREEDY, ["qv-r4"])[0]
-    tok = llama_engine.tokenizer
-    stop = tok.decode(reference[5:7])
-    if stop.strip() and stop in full.text:
-        result = llama_engine.generate([prompt], SamplingParams(max_new_tokens=10, stop=(stop,), ignore_eos=True), ["qv-r4"])[0]
-        assert result.finish_reason == "stop"
-        assert result.text == full.text[: full.text.index(stop)]
+    # A stop string made of the reference's own text, two characters from where a token starts:
+    # the text before it comes back whole, including what was held back while it might match.
+    text = _text_after(llama_engine.tokenizer, prompt, reference)
+    start = len(_text_after(llama_engine.tokenizer, prompt, reference[:6]))
+    stop = text[start + 2 : start + 5]
+    assert len(stop) == 3 and start + 2 > 0, text  # the reference must be long enough for this test
+    cut = text.index(stop)
+    result = llama_engine.generate([prompt], SamplingParams(max_new_tokens=10, stop=(stop,), ignore_eos=True), ["qv-r4"])[0]
+    assert result.finish_reason == "stop" and result.text == text[:cut]
+    decoded = _text_after(llama_engine.tokenizer, prompt, result.token_ids)
+    assert decoded.startswith(text[:cut] + stop) and result.token_ids == reference[: len(result.token_ids)]
+
+
+def test_eos_ends_a_request_unless_ignored(tiny_llama: TinyModel, llama_peft: Any, tmp_path: Path) -> None:
+    """A copy of the tiny base whose config names as EOS a token its greedy output reaches."""
+    prompt = list(range(5, 25))
+    reference = llama_peft.greedy(prompt, None, 10)
+    eos = reference[3]
+    first = reference.index(eos)
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama.path, model_dir)
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            config["eos_token_id"] = eos
+            path.write_text(json.dumps(config))
+    engine = make_engine(TinyModel("llama", model_dir, {}, tiny_llama.adapter_root), register=False)
+    assert eos in engine.loaded.eos_token_ids
+    stopped, ignored = engine.generate(
+        [prompt, prompt], [SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, ignore_eos=True)]
+    )
+    assert stopped.finish_reason == "stop" and stopped.token_ids == reference[: first + 1]
+    assert stopped.text == _text_after(engine.tokenizer, prompt, reference[:first])  # EOS adds no text
+    assert ignored.finish_reason == "length" and ignored.token_ids == reference
+    engine.close()
 
 
 def test_max_model_len_ends_with_length(tiny_llama: TinyModel) -> None:
@@ -157,13 +198,14 @@ def test_bad_input_is_rejected_with_the_reason(llama_engine: Any) -> None:
     assert not engine.has_unfinished()
 
 
-def test_text_prompt_and_eos(llama_engine: Any) -> None:
+def test_text_prompt(llama_engine: Any, llama_peft: Any) -> None:
+    prompt_ids = llama_engine.tokenizer("The sun rises")["input_ids"]
+    reference = llama_peft.greedy(prompt_ids, None, 5)
+    assert not set(reference) & llama_engine.loaded.eos_token_ids  # else this test would need a stop
     result = llama_engine.generate(["The sun rises"], SamplingParams(max_new_tokens=5))[0]
-    assert result.usage.prompt_tokens == len(llama_engine.tokenizer("The sun rises")["input_ids"])
-    assert result.finish_reason in ("stop", "length")
-    assert result.text == llama_engine.tokenizer.decode(
-        [t for t in result.token_ids if t not in llama_engine.loaded.eos_token_ids], skip_special_tokens=True
-    )
+    assert result.usage.prompt_tokens == len(prompt_ids)
+    assert result.finish_reason == "length" and result.token_ids == reference
+    assert result.text == _text_after(llama_engine.tokenizer, prompt_ids, reference)
 
 
 def test_sequences_never_outgrow_the_kv_cache(tiny_llama: TinyModel) -> None:

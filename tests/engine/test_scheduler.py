@@ -129,18 +129,25 @@ def test_failed_adapter_ends_its_request() -> None:
     assert [r.request_id for r in batch.failed] == ["a"] and batch.failed[0].error == "boom"
 
 
-def test_preemption_frees_blocks_and_requeues_first() -> None:
+def test_preemption_frees_blocks_and_slot_and_requeues_first() -> None:
     s = _scheduler(num_blocks=4)  # 16 tokens of KV
-    a, b = _request("a", 7), _request("b", 7)
+    adapter = FakeAdapter("x")
+    a, b = _request("a", 7), _request("b", 7, adapter=adapter)
     s.add(a)
     s.add(b)
     _run(s)  # a: 7 (2 blocks), b: 7 (2 blocks)
+    assert adapter.refs == 1
     # a needs a third block for its 9th token: b is preempted
     a.output_token_ids.append(0)
     batch = s.schedule()
     assert [r.request_id for r in batch.preempted] == ["b"]
     assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
     assert s.waiting[0] is b and b.num_preemptions == 1
+    assert adapter.refs == 0  # a preempted request gives its slot back: the slot can be evicted again
+    s.finish(a, RequestStatus.FINISHED_STOPPED)
+    assert [rid for rid, _ in _run(s)] == ["b"] and adapter.refs == 1  # resumed: one reference again
+    s.finish(b, RequestStatus.FINISHED_STOPPED)
+    assert adapter.refs == 0 and s.blocks.num_free_blocks == 4
 
 
 def test_aging_reserves_slots_for_a_starving_adapter() -> None:

@@ -32,7 +32,8 @@ from loraplex.lora.lora_ops import TorchLora
 from loraplex.lora.triton_ops import build_triton_batch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOL = {"fp32": 1e-2, "fp16": 6e-2, "bf16": 6e-2}
+# fp32 runs tl.dot in IEEE precision (no TF32): as tight as float32 rounding allows.
+TOL = {"fp32": 1e-4, "fp16": 6e-2, "bf16": 6e-2}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels)")
 

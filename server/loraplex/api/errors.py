@@ -11,7 +11,7 @@ import grpc
 
 from loraplex.engine.errors import DuplicateRequestError, EngineClosedError, EngineOverloadedError
 from loraplex.engine.request import ErrorKind, FinishReason, RequestOutput
-from loraplex.lora.adapter_spec import AdapterError
+from loraplex.lora.adapter_spec import AdapterError, AdapterReadError
 from loraplex.lora.adapter_version import AdapterNotFoundError
 from loraplex.rules import InvalidFieldError
 
@@ -37,6 +37,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, InvalidFieldError):  # the only caller's mistake: a stray ValueError is a bug
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, AdapterReadError):  # the disk failed, not the adapter: retry later
+        return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, AdapterError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     if isinstance(error, DuplicateRequestError):

@@ -297,6 +297,11 @@ class StateCollector(Collector):
         budget.add_metric(["device"], snap.device_slots * slot_bytes)
         yield budget
         yield _gauge("loraplex_adapter_store_device_slots", "Device adapter slots", snap.device_slots)
+        # Both are 0 whenever no request is live: anything else is a leak (the soak checks them).
+        yield _gauge(
+            "loraplex_adapter_slot_references", "Running requests' references to device adapter slots", snap.slot_refs
+        )
+        yield _gauge("loraplex_adapter_holders", "Live requests holding an adapter version", snap.holders)
 
         for event in STORE_EVENTS:
             family = CounterMetricFamily(

@@ -6,8 +6,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,12 +17,13 @@ from loraplex import __version__
 from loraplex.api.auth import current_caller, resolve_adapter_id
 from loraplex.api.engine_loop import EngineLoop
 from loraplex.api.errors import ApiError, ended_status, invalid, status_of
+from loraplex.api.uploads import Upload
 from loraplex.api.validation import MAX_PROMPT_CHARS, GenerateArgs, messages_from_proto, parse_generate
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import FinishReason, RequestOutput
 from loraplex.logs import current_request_id
-from loraplex.lora.adapter_spec import ADAPTER_FILES, hash_adapter_files
+from loraplex.lora.adapter_spec import ADAPTER_FILES
 from loraplex.lora.adapter_version import AdapterInfo
 from loraplex.rules import check_adapter_id, new_request_id
 from loraplex_proto.v1 import loraplex_pb2 as pb
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 FINISH: dict[FinishReason, Any] = {r: pb.FinishReason.Value(f"FINISH_REASON_{r.name}") for r in FinishReason if r is not FinishReason.ERROR}
 TIERS = {"registered": pb.ADAPTER_TIER_REGISTERED, "host": pb.ADAPTER_TIER_HOST, "device": pb.ADAPTER_TIER_DEVICE}
 UPLOAD_FILES = ADAPTER_FILES
-UPLOAD_DIR = ".uploads"
 SHUTDOWN_REASON = "the server is shutting down"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -249,13 +247,10 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         if not roots:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "no adapter root is configured for uploads")
         limit = self.config.engine.lora.max_upload_bytes
-        uploads = roots[0] / UPLOAD_DIR
-        uploads.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=uploads))
+        upload = Upload(roots[0])
         try:
             header: pb.UploadAdapterHeader | None = None
             received = 0
-            files: dict[str, Any] = {}
             async for part in request_iterator:
                 if part.HasField("header"):
                     if header is not None:
@@ -270,30 +265,25 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
                 received += len(chunk.data)
                 if received > limit:
                     raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"upload larger than the limit of {limit} bytes")
-                if chunk.filename not in files:
-                    files[chunk.filename] = (tmp / chunk.filename).open("wb")
-                files[chunk.filename].write(chunk.data)
-            for fh in files.values():
-                fh.close()
+                upload.write(chunk.filename, chunk.data)
             if header is None:
                 raise invalid("header", "missing")
             adapter_id = self._adapter_id(header.adapter_id)
-            missing = [f for f in UPLOAD_FILES if f not in files]
+            missing = [f for f in UPLOAD_FILES if f not in upload.names]
             if missing:
                 raise invalid("chunk.filename", f"missing {', '.join(missing)}")
             # Immutable, content-addressed home: an older version stays readable while in use.
-            digest = await asyncio.to_thread(hash_adapter_files, tmp)
-            final = uploads / adapter_id / digest
-            if not final.exists():
-                final.parent.mkdir(parents=True, exist_ok=True)
-                tmp.rename(final)
-            rel = final.relative_to(roots[0])
-            info = await asyncio.to_thread(
-                self.engine.register_adapter, adapter_id, str(rel), pin=header.pin, relative_only=True
-            )
+            rel = await asyncio.to_thread(upload.commit, adapter_id)
+            try:
+                info = await asyncio.to_thread(
+                    self.engine.register_adapter, adapter_id, str(rel), pin=header.pin, relative_only=True
+                )
+            except BaseException:
+                upload.discard()  # refused (or the call ended): no files stay behind
+                raise
             return self._info(info)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            upload.close()
 
     @unary
     async def UnloadAdapter(

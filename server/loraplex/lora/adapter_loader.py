@@ -3,8 +3,8 @@
     AdapterStore ──take()──> the oldest queued version that is wanted and fits the host budget
         │                      (host bytes reserved; store lock held)
         └── this thread: load_fn(spec) ─ read, validate, cast (adapter_weights.load_weights)
-                 └──finish(version, weights | None, error | None, seconds)──> host tier, or the
-                                                    version's error (store lock held)
+                 └──finish(version, weights | None, error | None, transient, seconds)──> host tier,
+                                                    or the version's error (store lock held)
 
 An AdapterError becomes the version's error with its reason; any other exception is logged
 and becomes an error too, so a bug or an I/O failure never kills the thread.
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from loraplex.lora.adapter_spec import AdapterError, AdapterSpec
+from loraplex.lora.adapter_spec import AdapterError, AdapterReadError, AdapterSpec
 from loraplex.lora.adapter_version import AdapterVersion
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class AdapterLoader:
         changed: threading.Condition,
         take: Callable[[], AdapterVersion | None],
         load_fn: Callable[[AdapterSpec], AdapterWeights],
-        finish: Callable[[AdapterVersion, AdapterWeights | None, str | None, float], None],
+        finish: Callable[[AdapterVersion, AdapterWeights | None, str | None, bool, float], None],
         on_ready: Callable[[], None],
     ) -> None:
         self._changed = changed  # the store's condition: notified whenever a load may start
@@ -57,15 +57,16 @@ class AdapterLoader:
             start = time.perf_counter()
             weights: AdapterWeights | None = None
             error: str | None = None
+            transient = False
             try:
                 weights = self._load_fn(version.spec)
             except AdapterError as e:
-                error = str(e)
+                error, transient = str(e), isinstance(e, AdapterReadError)
             except Exception as e:  # a bug or I/O failure must not kill the loader
                 log.exception("loading adapter %s failed", version.key)
                 error = f"adapter {version.adapter_id!r} failed to load: {e}"
             with self._changed:
-                self._finish(version, weights, error, time.perf_counter() - start)
+                self._finish(version, weights, error, transient, time.perf_counter() - start)
                 self._changed.notify_all()
             self._on_ready()
 

@@ -66,6 +66,11 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be served; the message names the reason."""
 
 
+class AdapterReadError(AdapterError):
+    """The adapter's files could not be read (an I/O error): the requests waiting for this
+    load fail with the reason; a later request tries the disk again."""
+
+
 @dataclass(frozen=True, slots=True)
 class BaseLayerInfo:
     """A wrapped linear layer of the base model: its name and shape."""
@@ -206,6 +211,11 @@ def hash_adapter_files(directory: Path) -> str:
     return content_hash(_chunks(Path(directory) / name) for name in ADAPTER_FILES)
 
 
+def read_files(path: Path) -> tuple[bytes, bytes]:
+    """A local adapter's config and weights bytes (the one disk read of a load)."""
+    return (path / CONFIG_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes()
+
+
 def read_adapter_files(spec: AdapterSpec) -> tuple[bytes, bytes]:
     """The config and weights bytes of a registered adapter, checked against its registration
     (the loader thread's read): AdapterError if they changed since."""
@@ -213,10 +223,9 @@ def read_adapter_files(spec: AdapterSpec) -> tuple[bytes, bytes]:
         return spec.remote.read()
     path = spec.path
     try:
-        config_bytes = (path / CONFIG_FILE).read_bytes()
-        data = (path / WEIGHTS_FILE).read_bytes()
+        config_bytes, data = read_files(path)
     except OSError as e:
-        raise AdapterError(f"{path}: cannot read the adapter files: {e}") from None
+        raise AdapterReadError(f"{path}: cannot read the adapter files: {e.strerror or e}") from None
     if content_hash([[config_bytes], [data]]) != spec.content_hash:
         raise AdapterError(f"{path}: the files changed on disk since the adapter was registered; load it again")
     return config_bytes, data
@@ -243,6 +252,30 @@ def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) ->
     )
 
 
+def _config_dict(where: str, config: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"{where}: {key} must be a JSON object, got {value!r}")
+    return value
+
+
+def _config_number(where: str, config: Mapping[str, Any], key: str, default: float, within: str = "") -> float:
+    """A finite number (not a bool) from the config; `within` names the enclosing field."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        name = f"{within}[{key!r}]" if within else key
+        raise AdapterError(f"{where}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _config_int(where: str, config: Mapping[str, Any], key: str, default: int, within: str = "") -> int:
+    value = _config_number(where, config, key, default, within)
+    if value != int(value) or not 0 <= value <= 1 << 20:
+        name = f"{within}[{key!r}]" if within else key
+        raise AdapterError(f"{where}: {name} must be a whole number in [0, {1 << 20}], got {config.get(key, default)!r}")
+    return int(value)
+
+
 def build_spec(
     path: Path, where: str, config: Mapping[str, Any], header: dict[str, Any], layers: Mapping[str, BaseLayerInfo],
     max_rank: int, content_hash: str, remote: RemoteFiles | None = None, chat_template: str | None = None,
@@ -265,17 +298,20 @@ def build_spec(
     if bias != "none":
         raise AdapterError(f"{where}: bias={bias!r} is not supported (only 'none')")
 
-    try:
-        rank = int(config.get("r", 8))
-        alpha = float(config.get("lora_alpha", 8))
-        rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
-        alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{where}: bad r / lora_alpha / rank_pattern / alpha_pattern: {e}") from None
+    rank = _config_int(where, config, "r", 8)
+    alpha = _config_number(where, config, "lora_alpha", 8)
+    rank_pattern = {k: _config_int(where, {k: v}, k, 0, "rank_pattern") for k, v in _config_dict(where, config, "rank_pattern").items()}
+    alpha_pattern = {
+        k: _config_number(where, {k: v}, k, 0, "alpha_pattern") for k, v in _config_dict(where, config, "alpha_pattern").items()
+    }
     if min([rank, *rank_pattern.values()]) < 1:
         raise AdapterError(f"{where}: rank must be >= 1")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"{where}: use_rslora must be true or false, got {config['use_rslora']!r}")
 
     targets = config.get("target_modules") or ()
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise AdapterError(f"{where}: target_modules must be a string or a list of strings, got {targets!r}")
     target_modules: tuple[str, ...] | str = targets if isinstance(targets, str) else tuple(targets)
     for name in (target_modules,) if isinstance(target_modules, str) else target_modules:
         if name in ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings"):
@@ -306,16 +342,30 @@ _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 MAX_HEADER_BYTES = 100 << 20
+# Bytes per element of every safetensors dtype, so that any header can be checked against its file.
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
 
 
 def _read_header(path: Path) -> dict[str, Any]:
-    """The safetensors header: tensor names, dtypes and shapes, without reading the data."""
+    """The safetensors header (tensor names, dtypes, shapes), checked against the file's size
+    without reading the tensor data (check_data_offsets)."""
     try:
         with path.open("rb") as fh:
+            file_size = fh.seek(0, 2)
+            fh.seek(0)
             size = header_size(str(path), fh.read(8))
-            return parse_header(str(path), fh.read(size))
+            if 8 + size > file_size:
+                raise AdapterError(
+                    f"{path}: truncated: the header promises {size} bytes, the file holds {max(0, file_size - 8)} after the size"
+                )
+            header = parse_header(str(path), fh.read(size))
     except OSError as e:
         raise AdapterError(f"{path}: cannot read the safetensors header: {e}") from None
+    check_data_offsets(str(path), header, file_size - 8 - size)
+    return header
 
 
 def header_size(where: str, first8: bytes) -> int:
@@ -326,16 +376,66 @@ def header_size(where: str, first8: bytes) -> int:
     return size
 
 
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
 def parse_header(where: str, raw: bytes) -> dict[str, Any]:
     """A safetensors header's JSON (the bytes after the 8-byte length), metadata dropped."""
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as e:
+        raise AdapterError(f"{where}: the safetensors header lists {str(e)!r} twice") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{where}: cannot read the safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{where}: malformed safetensors header")
     header.pop("__metadata__", None)
     return header
+
+
+def check_data_offsets(where: str, header: Mapping[str, Any], data_size: int) -> None:
+    """The file is whole: every tensor's [begin, end) in the data buffer (the `data_size` bytes
+    after the header) has the length its dtype and shape need, with no gap or overlap, up to
+    the buffer's last byte."""
+    spans = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise AdapterError(f"{where}: {key}: malformed tensor entry")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise AdapterError(f"{where}: {key}: unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise AdapterError(f"{where}: {key}: malformed shape {shape!r}")
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise AdapterError(f"{where}: {key}: malformed data_offsets {offsets!r}")
+        need = math.prod(shape) * _DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != need:
+            raise AdapterError(
+                f"{where}: {key}: {dtype} {shape} needs {need} bytes, the header gives it {offsets[1] - offsets[0]}"
+            )
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise AdapterError(f"{where}: {key}: tensor data at byte {begin}, expected {end} (a gap or an overlap)")
+        end = stop
+    if end > data_size:
+        raise AdapterError(f"{where}: truncated: the header promises {end} bytes of tensor data, the file holds {data_size}")
+    if end < data_size:
+        raise AdapterError(f"{where}: {data_size - end} bytes after the last tensor (not a safetensors file)")
 
 
 def _check_tensors(
@@ -362,7 +462,7 @@ def _check_tensors(
         raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
 
     ranks: dict[str, int] = {}
-    default_r = int(config.get("r", 8))
+    default_r = _config_int(where, config, "r", 8)
     for module, pair in sorted(pairs.items()):
         layer = layers.get(module)
         if layer is None:
@@ -385,7 +485,11 @@ def _check_target_names(where: str, targets: tuple[str, ...] | str, layers: Mapp
     if isinstance(targets, str):
         if targets == "all-linear":
             return
-        if not any(re.fullmatch(targets, name) for name in layers):
+        try:
+            matched = any(re.fullmatch(targets, name) for name in layers)
+        except re.error as e:
+            raise AdapterError(f"{where}: target_modules pattern {targets!r} is not a valid regular expression: {e}") from None
+        if not matched:
             raise AdapterError(f"{where}: target_modules pattern {targets!r} matches no linear layer of the base")
         return
     for target in targets:

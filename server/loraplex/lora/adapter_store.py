@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from loraplex.lora import s3_source
 from loraplex.lora.adapter_loader import AdapterLoader
-from loraplex.lora.adapter_spec import AdapterError, AdapterSpec, BaseLayerInfo, read_spec
+from loraplex.lora.adapter_spec import AdapterError, AdapterReadError, AdapterSpec, BaseLayerInfo, read_spec
 from loraplex.lora.adapter_version import (
     AdapterInfo,
     AdapterNotFoundError,
@@ -135,7 +135,10 @@ class AdapterStore:
         location = self._s3_location(path, relative_only)
         if location is None:
             resolved = resolve_adapter_path(self.roots, path, relative_only=relative_only)
-            return read_spec(resolved, self.layers, self.max_rank)
+            try:
+                return read_spec(resolved, self.layers, self.max_rank)
+            except OSError as e:  # an I/O error while hashing: the files are not refused, just unreadable now
+                raise AdapterReadError(f"{resolved}: cannot read the adapter files: {e.strerror or e}") from None
         if not self.roots:
             raise AdapterError(f"{location.uri}: s3:// adapters need a local adapter root for their download cache")
         return s3_source.read_spec(location, self.layers, self.max_rank, self.roots[0] / s3_source.CACHE_DIR)
@@ -211,6 +214,8 @@ class AdapterStore:
     def unhold(self, version: AdapterVersion) -> None:
         with self._lock:
             version.holders -= 1
+            if version.holders == 0 and version.error_transient:
+                version.error, version.error_transient = None, False  # the next request reads the disk again
             if version.retired and version.holders == 0:
                 self._drop(version)
             self._changed.notify_all()
@@ -361,13 +366,15 @@ class AdapterStore:
         return None
 
     def _finish_load(
-        self, version: AdapterVersion, weights: AdapterWeights | None, error: str | None, elapsed: float
+        self, version: AdapterVersion, weights: AdapterWeights | None, error: str | None, transient: bool, elapsed: float
     ) -> None:
-        """The loader thread read a version (weights) or failed (error); called with the lock held."""
+        """The loader thread read a version (weights) or failed (error; transient: a read error,
+        kept only until the requests now holding the version have ended); lock held."""
         version.loading = False
         if weights is None or (version.retired and version.holders == 0):
             self._host_bytes -= version.host_bytes
             version.error = error
+            version.error_transient = transient and error is not None
         else:
             version.weights = weights
             self._host[version.key] = version
@@ -415,6 +422,8 @@ class AdapterStore:
                 device_slots=len(self._device),
                 registered=len(self._current),
                 counters=dict(self.counters),
+                slot_refs=sum(v.slot_refs for v in self._versions.values()),
+                holders=sum(v.holders for v in self._versions.values()),
             )
 
     def device_versions(self) -> list[AdapterVersion | None]:

@@ -58,6 +58,7 @@ class AdapterVersion:
     loading: bool = False
     queued: bool = False
     error: str | None = None
+    error_transient: bool = False  # a read error: the error goes with the requests that saw it
     holders: int = 0  # live: unfinished requests holding this version (hold .. unhold)
     slot_refs: int = 0  # live: running requests using its adapter slot
     retired: bool = False
@@ -121,6 +122,8 @@ class StoreSnapshot:
     device_slots: int
     registered: int
     counters: Mapping[tuple[str, str], int]
+    slot_refs: int = 0  # running requests' references to device slots (0 when idle)
+    holders: int = 0  # live requests holding an adapter version (0 when idle)
 
 
 def resolve_adapter_path(roots: tuple[Path, ...], path: str | Path, *, relative_only: bool = False) -> Path:

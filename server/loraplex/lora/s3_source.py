@@ -44,6 +44,7 @@ from loraplex.lora.adapter_spec import (
     AdapterSpec,
     BaseLayerInfo,
     build_spec,
+    check_data_offsets,
     content_hash,
     header_size,
     parse_chat_template,
@@ -253,7 +254,9 @@ def _read_header(location: S3Location, weights: S3Object) -> dict[str, Any]:
     raw = probe[8 : 8 + size]
     if len(raw) < size:
         raw += _get_range(location, weights, len(probe), 8 + size - 1)
-    return parse_header(where, raw)
+    header = parse_header(where, raw)
+    check_data_offsets(where, header, weights.size - 8 - size)  # the object holds every tensor it lists
+    return header
 
 
 def _get_range(location: S3Location, obj: S3Object, first: int, last: int) -> bytes:
