@@ -23,6 +23,7 @@ from loraplex_client import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
     Client,
+    LoraplexError,
     OverloadedError,
     ServerUnavailableError,
 )
@@ -113,8 +114,6 @@ def test_a_read_error_while_loading_fails_only_the_requests_waiting_for_it(
         return read_files(path)
 
     monkeypatch.setattr(adapter_spec, "read_files", failing_read)
-    from loraplex_client import LoraplexError
-
     with pytest.raises(LoraplexError, match="cannot read the adapter files: Input/output error") as err:
         client.generate(prompt_token_ids=[5, 6], adapter_id="flaky", max_new_tokens=2, ignore_eos=True)
     assert err.value.code.name == "FAILED_PRECONDITION"
