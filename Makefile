@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint typecheck imports pytest protos bench bench-quick bench-engine profile-server clean
+.PHONY: install demo test lint typecheck imports pytest fuzz protos bench bench-quick bench-engine profile-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ imports: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q
+
+# The property tests with a larger example budget (tests/conftest.py's "fuzz" profile).
+fuzz: $(STAMP)
+	LORAPLEX_HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/fuzz -p no:cacheprovider
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

@@ -23,8 +23,20 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
-from loraplex.model.loader import exact_nf4_compute
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+
+# Property tests (tests/fuzz): a small fixed budget in `make test`, a larger one in `make fuzz`.
+# Derandomized in CI so a run is reproducible; every failure found is kept as an @example.
+_HYPOTHESIS_COMMON: dict[str, Any] = dict(
+    deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+hypothesis_settings.register_profile("ci", max_examples=12, derandomize=True, **_HYPOTHESIS_COMMON)
+hypothesis_settings.register_profile("fuzz", max_examples=300, **_HYPOTHESIS_COMMON)
+hypothesis_settings.load_profile(os.environ.get("LORAPLEX_HYPOTHESIS_PROFILE", "ci"))
+
+from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from loraplex.model.loader import exact_nf4_compute  # noqa: E402
 
 # name -> PEFT LoraConfig settings. Ranks {4, 8, 16}, different alphas, rsLoRA,
 # rank/alpha patterns, {q, v} and all-linear targets, one layer only.

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from loraplex import startup
 from loraplex.api.auth import AuthInterceptor
+from loraplex.api.decode_guard import DecodeGuard
 from loraplex.api.engine_loop import EngineLoop
 from loraplex.api.http_app import build_app
 from loraplex.api.http_server import HttpServer
@@ -99,7 +100,7 @@ class Server:
         # grpc sets SO_REUSEPORT by default: a second server on the port would start and take
         # half of the calls. Without it a taken port fails the bind, which grpc reports as a
         # RuntimeError (or port 0, in older versions) without the reason: bind_failed finds it.
-        server = grpc.aio.server(interceptors=[AuthInterceptor(api.auth_tokens)], options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=[AuthInterceptor(api.auth_tokens), DecodeGuard()], options=[("grpc.so_reuseport", 0)])
         self._grpc = server
         pb_grpc.add_LoraPlexServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -1,0 +1,91 @@
+"""Requests whose bytes do not parse as their message (e.g. a string field that is not UTF-8)
+end INVALID_ARGUMENT naming the message, not gRPC's generic error for a failed deserializer.
+
+    gRPC core ── bytes ──> guarded deserializer ── message, or Undecodable(reason) ──> handler
+                                                     Undecodable: abort INVALID_ARGUMENT
+
+For client-streaming calls (UploadAdapter) the reason surfaces as an InvalidFieldError from
+the request iterator, which the handler's error mapping answers INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from loraplex.rules import InvalidFieldError
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    reason: str
+
+
+def _guard(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as e:
+            return Undecodable(str(e))
+
+    return deserialize
+
+
+def _message(request: Undecodable) -> str:
+    return f"request: not a valid message: {request.reason}"
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise InvalidFieldError("request", _message(request))
+        yield request
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        kwargs = dict(request_deserializer=_guard(handler.request_deserializer), response_serializer=handler.response_serializer)
+
+        def unary_request(behavior: Any, streaming: bool) -> Any:
+            async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
+                return await behavior(request, context)
+
+            async def run_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
+                async for item in behavior(request, context):
+                    yield item
+
+            return run_stream if streaming else run
+
+        def stream_request(behavior: Any) -> Any:
+            def run(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return behavior(_checked(requests), context)
+
+            return run
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary_request(handler.unary_unary, False), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(unary_request(handler.unary_stream, True), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(stream_request(handler.stream_unary), **kwargs)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(stream_request(handler.stream_stream), **kwargs)
+        return handler
