@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint typecheck imports pytest fuzz protos bench bench-quick bench-engine profile-server clean
+.PHONY: install demo test lint typecheck imports pytest fuzz soak soak-ci protos bench bench-quick bench-engine profile-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ pytest: $(STAMP)
 # The property tests with a larger example budget (tests/conftest.py's "fuzz" profile).
 fuzz: $(STAMP)
 	LORAPLEX_HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/fuzz -p no:cacheprovider
+
+# A real `loraplex serve` under a mixed abusive workload; exits 1 on any leak, lost request or
+# wrong result (benchmarks/soak.py). soak-ci: the 2-minute form; soak: 30 minutes, niced.
+soak-ci: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --duration 120 --out .cache/soak-ci
+
+soak: $(STAMP)
+	nice -n 10 $(BIN)/python -m benchmarks.soak --duration 1800
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
