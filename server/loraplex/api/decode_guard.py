@@ -56,36 +56,49 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
+        if handler is None or details.method.startswith("/grpc."):  # health and reflection: their own types
             return handler
         kwargs = dict(request_deserializer=_guard(handler.request_deserializer), response_serializer=handler.response_serializer)
-
-        def unary_request(behavior: Any, streaming: bool) -> Any:
-            async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
-                return await behavior(request, context)
-
-            async def run_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
-                async for item in behavior(request, context):
-                    yield item
-
-            return run_stream if streaming else run
-
-        def stream_request(behavior: Any) -> Any:
-            def run(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                return behavior(_checked(requests), context)
-
-            return run
-
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_request(handler.unary_unary, False), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(_unary_unary(handler.unary_unary), **kwargs)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(unary_request(handler.unary_stream, True), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(_unary_stream(handler.unary_stream), **kwargs)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(stream_request(handler.stream_unary), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(_stream_unary(handler.stream_unary), **kwargs)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(stream_request(handler.stream_stream), **kwargs)
+            return grpc.stream_stream_rpc_method_handler(_stream_stream(handler.stream_stream), **kwargs)
         return handler
+
+
+def _unary_unary(behavior: Any) -> Any:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
+        return await behavior(request, context)
+
+    return run
+
+
+def _unary_stream(behavior: Any) -> Any:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
+        async for item in behavior(request, context):
+            yield item
+
+    return run
+
+
+def _stream_unary(behavior: Any) -> Any:
+    async def run(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(_checked(requests), context)
+
+    return run
+
+
+def _stream_stream(behavior: Any) -> Any:
+    async def run(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for item in behavior(_checked(requests), context):
+            yield item
+
+    return run
