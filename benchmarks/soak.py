@@ -79,7 +79,7 @@ class Server:
             self.metrics_port = _free_port()
             args = [
                 "serve", "--model", "demo", "--adapter-root", str(root), "--port", "0",
-                "--metrics-port", str(self.metrics_port), "--max-loras", "3", "--max-num-seqs", "12",
+                "--metrics-port", str(self.metrics_port), "--http-port", "0", "--max-loras", "3", "--max-num-seqs", "12",
                 "--max-host-adapter-bytes", str(HOST_BUDGET), "--log-format", "json",
             ]
             cmd = [sys.executable, "-c", LEAK_PATCH, *args] if inject_leak else [sys.executable, "-m", "loraplex.cli", *args]

@@ -39,7 +39,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, tiny_llama: TinyModel) -> Pat
 @pytest.fixture(scope="module")
 def server(tiny_llama: TinyModel, root: Path) -> Iterator[BackgroundServer]:
     config = engine_config(tiny_llama, roots=(str(root),), max_loras=2, max_upload_bytes=UPLOAD_CAP)
-    server = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0)), Engine(config))
+    server = BackgroundServer(ServerConfig(engine=config, api=ApiConfig(port=0, metrics_port=0, http_port=0)), Engine(config))
     server.start()
     yield server
     server.stop()
