@@ -51,6 +51,7 @@ STABLE = ["pirate", "robot", "chef", "poet"]  # demo adapters: never changed, gr
 PROMPTS = [[5, 6, 7, 8], [20, 21, 22], [3, 40, 41, 42, 43, 44, 45], [100, 7, 9, 11, 13]]
 MAX_NEW = 24
 HOST_BUDGET = 1 << 20  # about 3 demo adapters: the host tier evicts
+SOAK_OPTIONS = ("--max-loras", "3", "--max-num-seqs", "12", "--max-host-adapter-bytes", str(HOST_BUDGET))
 LEAK_PATCH = (
     "import itertools, loraplex.lora.adapter_store as s\n"
     "c = itertools.count(); r = s.AdapterStore.release\n"
@@ -72,15 +73,15 @@ def _free_port() -> int:
 
 
 class Server:
-    """`loraplex serve` on --port 0 (read back from its log) with /metrics on a free port."""
+    """`loraplex serve --model demo` on --port 0 (read back from its log) with /metrics on a
+    free port, the HTTP API off; `options` are the rest of its flags."""
 
-    def __init__(self, root: Path, log_path: Path, inject_leak: bool) -> None:
+    def __init__(self, root: Path, log_path: Path, inject_leak: bool = False, options: tuple[str, ...] = SOAK_OPTIONS) -> None:
         for _ in range(5):  # the metrics port is chosen here: retry if another process took it
             self.metrics_port = _free_port()
             args = [
                 "serve", "--model", "demo", "--adapter-root", str(root), "--port", "0",
-                "--metrics-port", str(self.metrics_port), "--http-port", "0", "--max-loras", "3", "--max-num-seqs", "12",
-                "--max-host-adapter-bytes", str(HOST_BUDGET), "--log-format", "json",
+                "--metrics-port", str(self.metrics_port), "--http-port", "0", "--log-format", "json", *options,
             ]
             cmd = [sys.executable, "-c", LEAK_PATCH, *args] if inject_leak else [sys.executable, "-m", "loraplex.cli", *args]
             self.log_path = log_path
