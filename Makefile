@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint typecheck imports pytest fuzz soak soak-ci protos bench bench-quick bench-engine profile-server clean
+.PHONY: install demo test lint typecheck imports pytest fuzz soak soak-ci mutants protos bench bench-quick bench-engine profile-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ soak-ci: $(STAMP)
 
 soak: $(STAMP)
 	nice -n 10 $(BIN)/python -m benchmarks.soak --duration 1800
+
+# Mutation testing (mutmut) of the scheduler, block manager, adapter store, sampler and detokenizer,
+# one module at a time against its own fast tests; report: benchmarks/results/mutants.md.
+# `make mutants MODULES="sampler detokenizer"` runs some of them (scripts/mutants.py).
+mutants: $(STAMP)
+	$(BIN)/python scripts/mutants.py $(MODULES)
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
