@@ -1,7 +1,7 @@
 """What server_bench drives: a real `loraplex serve` subprocess, N concurrent SDK streams, and the
 machine's memory bandwidth.
 
-    ServerProcess(args) ── start() ──> `loraplex serve ... --port 0` (log to a file; the port
+    ServerProcess(args) ── start() ──> `loraplex serve ... --port 0 --http-port 0` (log to a file; the port
                                         from its "listening on" line; returns at "ready")
     stream_load(address, plan)  ──> N asyncio tasks, one AsyncClient stream per request, each
                                     task's requests one after another (a closed loop of N)
@@ -46,7 +46,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 600.0) -> str:
         exe = Path(sys.executable).parent / "loraplex"
-        cmd = [str(exe), "serve", *self.flags, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+        cmd = [str(exe), "serve", *self.flags, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout
