@@ -57,7 +57,7 @@ protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
 # The user's view (issue 10): a real `loraplex serve`, 16 SDK streams, base / identical / uniform /
-# distinct / mixed ranks at --max-lora-rank 64, ratios vs base and vs the bytes limit (~1 h on 2 cores).
+# distinct / mixed ranks at --max-lora-rank 64, ratios vs base and vs the bytes limit (~15 min, quiet 2 cores).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.server_bench
 

@@ -19,9 +19,16 @@ bandwidth (a large torch copy, read + write):
 
 with the base step from the in-process engine's median decode step, and the adapter bytes
 those of the mode's adapters at their own ranks (fp32, every adapter of the mode in every
-step).
+step). The bandwidth is measured at each round, the median used.
 
-    python -m benchmarks.server_bench            # bench model (d=1024, 8 layers, NF4), 16 streams, ~12 min
+Beside the wall-clock ratios it gives CPU-cost ratios: CPU time per generated token of the
+server process and the client (this process) together, base's over the mode's, within a
+round. On a machine shared with other work, wall-clock ratios wander (the neighbours' load
+changes between runs) while CPU time per token moves much less; on a quiet machine that the
+load saturates, the two agree. The in-process engine runs on a thread of its own, as the
+server's engine loop does (harness.run_on_thread).
+
+    python -m benchmarks.server_bench            # bench model (d=1024, 8 layers, NF4), 16 streams, ~15 min on a quiet 2-core machine
     python -m benchmarks.server_bench --quick    # tiny model, one round: a smoke run
 """
 
@@ -35,7 +42,7 @@ from typing import Any
 
 from benchmarks import harness, report
 from benchmarks.models import CACHE, CPU_BENCH, TINY, adapter_bytes, make_adapter_set, make_model
-from benchmarks.serving import Request, ServerProcess, memory_bandwidth, stream_load
+from benchmarks.serving import Request, ServerProcess, cpu_seconds, memory_bandwidth, stream_load
 from benchmarks.workload import WorkItem
 from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.engine import Engine
@@ -74,11 +81,12 @@ def warm(address: str, adapters: list[str], vocab: int) -> None:
         stream_load(address, [[Request([3 + i % (vocab - 3)] * 4, a, 2)] for i, a in enumerate(adapters)])
 
 
-def engine_base(engine: Engine, args: argparse.Namespace, vocab: int, seed: int) -> tuple[float, float]:
-    """(tokens/s, median decode step s) of the base workload in process, closed loop of N."""
+def engine_base(engine: Engine, args: argparse.Namespace, vocab: int, seed: int) -> tuple[float, float, float]:
+    """(tokens/s, median decode step s, CPU s per token) of the base workload in process, closed loop of N."""
     items = [WorkItem(0.0, r.prompt_token_ids, r.max_new_tokens, None) for stream in plan("base", [], args, vocab, seed) for r in stream]
+    cpu = cpu_seconds()
     stats = harness.run_on_thread(engine, items, [], concurrency=args.streams)
-    return stats.throughput, stats.median_decode_step_ms / 1e3
+    return stats.throughput, stats.median_decode_step_ms / 1e3, (cpu_seconds() - cpu) / stats.total_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         servers["own"] = ServerProcess([*common, "--max-lora-rank", str(own_rank)], "own")
     runs: list[tuple[str, str]] = [("r64", m) for m in ("base", "identical", "uniform", "distinct", "heterogeneous")]
     runs += [(s, m) for s in servers if s != "r64" for m in ("identical", "uniform", "distinct")]
-    bandwidth = memory_bandwidth()
     print(f"[server_bench] {shape.name}, {args.streams} streams x {args.requests} requests, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, --max-lora-rank {args.max_lora_rank}; memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"{args.new_tokens} new tokens, --max-lora-rank {args.max_lora_rank}")
     engine = Engine(EngineConfig(
         model=ModelConfig(model_path, cpu_nf4_kernel=args.cpu_nf4_kernel),
         cache=CacheConfig(num_blocks=max(256, args.streams * (args.prompt_len + args.new_tokens) // 16 + 2 * args.streams)),
@@ -122,39 +129,51 @@ def main(argv: list[str] | None = None) -> int:
         lora=LoraConfig(max_loras=args.streams, max_lora_rank=args.max_lora_rank, adapter_roots=(str(root),)),
     ))
     tps: dict[tuple[str, str], list[float]] = {k: [] for k in [*runs, ("engine", "base")]}
+    cpu: dict[tuple[str, str], list[float]] = {k: [] for k in tps}  # CPU s per token (server + client)
     base_step: list[float] = []
+    bandwidths: list[float] = []
     try:
         addresses = {label: s.start() for label, s in servers.items()}
         for rnd in range(args.rounds + (0 if args.quick else 1)):  # round 0 warms up (not with --quick)
             timed = args.quick or rnd > 0
             seed = 100 + rnd
-            rate, step = engine_base(engine, args, shape.vocab_size, seed)
+            bandwidth = memory_bandwidth()
+            rate, step, per_token = engine_base(engine, args, shape.vocab_size, seed)
             if timed:
+                bandwidths.append(bandwidth)
                 tps[("engine", "base")].append(rate)
+                cpu[("engine", "base")].append(per_token)
                 base_step.append(step)
-            print(f"  round {rnd} [engine   base         ] {rate:7.1f} tok/s, decode step {step * 1e3:.1f} ms", flush=True)
+            print(f"  round {rnd} [engine   base         ] {rate:7.1f} tok/s, {per_token * 1e3:6.2f} CPU ms/token, decode step "
+                  f"{step * 1e3:.1f} ms; memory bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
             for server, mode in runs:
                 adapters = mode_adapters(mode, uniform, hetero, args.streams)
                 warm(addresses[server], adapters, shape.vocab_size)
+                pid = servers[server].pid
+                before = cpu_seconds(pid) + cpu_seconds()
                 result = stream_load(addresses[server], plan(mode, adapters, args, shape.vocab_size, seed))
+                per_token = (cpu_seconds(pid) + cpu_seconds() - before) / result.tokens
                 if timed:
                     tps[(server, mode)].append(result.tokens_per_s)
-                print(f"  round {rnd} [{server:8s} {mode:13s}] {result.tokens_per_s:7.1f} tok/s", flush=True)
+                    cpu[(server, mode)].append(per_token)
+                print(f"  round {rnd} [{server:8s} {mode:13s}] {result.tokens_per_s:7.1f} tok/s, {per_token * 1e3:6.2f} CPU ms/token",
+                      flush=True)
     finally:
         for s in servers.values():
             s.stop()
         engine.close()
 
-    rows, summary = results(args, shape, runs, tps, base_step, bandwidth, uniform, hetero, ranks)
+    bandwidth = statistics.median(bandwidths)
+    rows, summary = results(args, shape, runs, tps, cpu, base_step, bandwidth, uniform, hetero, ranks)
     columns = ["run", "max-lora-rank", "adapters", "tok/s", "vs base", "range", "adapter MB/step", "bytes limit",
-               "vs limit", "vs own-rank server"]
+               "vs limit", "vs own-rank server", "CPU ms/token", "CPU cost: base / run"]
     report.write(
         args.name, f"through the server — {shape.name}, {args.streams} streams, --max-lora-rank {args.max_lora_rank}",
         rows, columns, summary, plot=("run", "tok/s"), results=args.results,
         notes=f"{args.streams} SDK streams (AsyncClient), each {args.requests} requests of prompt {args.prompt_len} + "
               f"{args.new_tokens} new tokens, one after another; {args.rounds} rounds after a warm-up round; ratios within "
-              f"a round, median over rounds (range = min-max); memory bandwidth {bandwidth / 1e9:.1f} GB/s (torch copy, "
-              f"read + write); bytes limit = base step / (base step + adapter bytes / bandwidth), base step "
+              f"a round, median over rounds (range = min-max); CPU ms/token = server process + client process; memory "
+              f"bandwidth {bandwidth / 1e9:.1f} GB/s (torch copy, read + write, median of rounds); bytes limit = base step / (base step + adapter bytes / bandwidth), base step "
               f"{statistics.median(base_step) * 1e3:.1f} ms (in process); heterogeneous ranks {ranks}; CPU NF4 kernel "
               f"{args.cpu_nf4_kernel}; command: python -m benchmarks.server_bench {' '.join(argv or [])}",
     )
@@ -163,10 +182,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def results(
     args: argparse.Namespace, shape: Any, runs: list[tuple[str, str]], tps: dict[tuple[str, str], list[float]],
-    base_step: list[float], bandwidth: float, uniform: list[str], hetero: list[str], ranks: list[int],
+    cpu: dict[tuple[str, str], list[float]], base_step: list[float], bandwidth: float, uniform: list[str],
+    hetero: list[str], ranks: list[int],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     def ratio(a: tuple[str, str], b: tuple[str, str]) -> list[float]:
         return [x / y for x, y in zip(tps[a], tps[b])]
+
+    def cost_ratio(a: tuple[str, str], b: tuple[str, str]) -> float:
+        """b's CPU per token over a's, median over rounds: like a throughput ratio a / b."""
+        return statistics.median(y / x for x, y in zip(cpu[a], cpu[b]))
 
     step = statistics.median(base_step)
     rows: list[dict[str, Any]] = []
@@ -177,7 +201,8 @@ def results(
     }
     server_vs_engine = ratio(("r64", "base"), ("engine", "base"))
     rows.append({"run": "in-process engine base", "max-lora-rank": args.max_lora_rank, "adapters": 0,
-                 "tok/s": statistics.median(tps[("engine", "base")])})
+                 "tok/s": statistics.median(tps[("engine", "base")]),
+                 "CPU ms/token": statistics.median(cpu[("engine", "base")]) * 1e3})
     for server, mode in runs:
         base = ("r64", "base")
         r = ratio((server, mode), base)
@@ -187,6 +212,7 @@ def results(
             "adapters": len(mode_adapters(mode, uniform, hetero, args.streams)), "tok/s": statistics.median(tps[(server, mode)]),
             "vs base": statistics.median(r), "range": f"{min(r):.2f}-{max(r):.2f}", "adapter MB/step": mode_bytes[mode] / 1e6,
             "bytes limit": limit, "vs limit": statistics.median(r) / limit,
+            "CPU ms/token": statistics.median(cpu[(server, mode)]) * 1e3, "CPU cost: base / run": cost_ratio((server, mode), base),
         }
         if server == "r64" and ("own", mode) in tps:
             row["vs own-rank server"] = statistics.median(ratio(("r64", mode), ("own", mode)))
@@ -196,11 +222,13 @@ def results(
             continue
         if mode in GOALS:
             summary[f"{mode} / base (goal >= {GOALS[mode]})"] = row["vs base"]
+            summary[f"{mode} / base, CPU cost"] = row["CPU cost: base / run"]
         if mode != "base":
             summary[f"{mode} / bytes limit (goal >= {LIMIT_GOAL})"] = row["vs limit"]
         if "vs own-rank server" in row:
             summary[f"{mode}: rank-64 server / rank-{args.rank} server (goal >= {OWN_RANK_GOAL})"] = row["vs own-rank server"]
     summary[f"server base / in-process engine base (goal >= {SERVER_GOAL})"] = statistics.median(server_vs_engine)
+    summary["server base / in-process engine base, CPU cost"] = cost_ratio(("r64", "base"), ("engine", "base"))
     summary["memory bandwidth GB/s"] = bandwidth / 1e9
     summary["base decode step ms (in process)"] = step * 1e3
     summary["goals met"] = all(

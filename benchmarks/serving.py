@@ -1,11 +1,15 @@
 """What server_bench drives: a real `loraplex serve` subprocess, N concurrent SDK streams, and the
 machine's memory bandwidth.
 
-    ServerProcess(args) ── start() ──> `loraplex serve ... --port 0` (log to a file; the port
+    ServerProcess(args) ── start() ──> `loraplex serve ... --port 0 --http-port 0` (log to a file; the port
                                         from its "listening on" line; returns at "ready")
     stream_load(address, plan)  ──> N asyncio tasks, one AsyncClient stream per request, each
                                     task's requests one after another (a closed loop of N)
     memory_bandwidth()          ──> bytes moved per second by a large torch copy (read + write)
+    cpu_seconds(pid)            ──> CPU time (user + system, all threads) a process has used
+
+CPU time is what the load cost, whatever else the machine ran meanwhile: on a shared machine
+its ratios hold up where wall-clock ratios do not.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +46,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 600.0) -> str:
         exe = Path(sys.executable).parent / "loraplex"
-        cmd = [str(exe), "serve", *self.flags, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+        cmd = [str(exe), "serve", *self.flags, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout
@@ -56,6 +61,11 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"server {self.label} not ready in {timeout:.0f}s; log: {self.log_path}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -109,13 +119,29 @@ def stream_load(address: str, plan: list[list[Request]], timeout: float = 900.0)
 
 
 def memory_bandwidth(mib: int = 512, trials: int = 7) -> float:
-    """Bytes per second a large torch copy moves (read + write), median of `trials`."""
-    src = torch.ones(mib * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(trials):
-        start = time.perf_counter()
+    """Bytes per second a large torch copy moves (read + write), median of `trials`; on a
+    thread of its own, as the engine's ops run in the server (see harness.run_on_thread)."""
+    times: list[float] = []
+
+    def copies() -> None:
+        src = torch.ones(mib * 2**20 // 4)
+        dst = torch.empty_like(src)
         dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / statistics.median(times)
+        for _ in range(trials):
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+
+    thread = threading.Thread(target=copies, name="bandwidth")
+    thread.start()
+    thread.join()
+    return 2 * (mib * 2**20) / statistics.median(times)
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system, every thread) used so far by process `pid` (None: this one)."""
+    fields = Path(f"/proc/{pid or 'self'}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK

@@ -121,10 +121,14 @@ def test_serve_without_the_server_extra() -> None:
     assert lines[1] == "  install the server extra: pip install 'loraplex[server]'"
 
 
-def test_ctrl_c_while_starting_is_one_line(tiny_llama: TinyModel) -> None:
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
+def test_ctrl_c_while_starting_is_one_line(tiny_llama: TinyModel, inherited: signal.Handlers) -> None:
+    """Also when started with SIGINT ignored, as the background jobs of a script are."""
     cmd = [*SERVE, "--model", str(tiny_llama.path), "--port", "0", "--metrics-port", "0", "--http-port", "0",
            "--adapter-root", str(tiny_llama.adapter_root)]
-    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=cli_env())
+    process = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env=cli_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, inherited)
+    )
     assert process.stderr is not None
     lines = []
     for line in process.stderr:  # the checks have passed: now torch is imported and the model loads

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -52,11 +53,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 130
 
 
+class _CtrlC:
+    """SIGINT while the server starts. Installed whatever SIGINT's inherited disposition (a
+    process started in the background of a script inherits it ignored, and Python would then
+    never raise KeyboardInterrupt). It raises KeyboardInterrupt as Python's own handler does and
+    also remembers it, so that a library catching BaseException while torch or the model loads
+    cannot swallow it: `check()` at the end of each long stage raises it again. Once the server
+    is ready, serve() drains on SIGINT."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
 def _serve(values: dict[str, Any], sources: dict[str, str]) -> int:
     import asyncio
 
     from loraplex import startup
 
+    ctrl_c = _CtrlC()
+    signal.signal(signal.SIGINT, ctrl_c)
     startup.check_server_extra()
     try:
         config = settings.build_config(values, sources)
@@ -96,8 +119,14 @@ def _serve(values: dict[str, Any], sources: dict[str, str]) -> int:
     with _server_imports():
         from loraplex.api.server import serve
         from loraplex.engine.engine import Engine
+    ctrl_c.check()
 
     engine = Engine(config.engine)  # in the main thread, so that Ctrl-C stops it at once
+    try:
+        ctrl_c.check()
+    except KeyboardInterrupt:
+        engine.close()
+        raise
     return asyncio.run(serve(config, engine, preload=preload))
 
 
