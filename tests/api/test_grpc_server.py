@@ -155,8 +155,11 @@ def test_n_samples_seeds_and_cached_prompt_tokens(client: Client, server: Backgr
     args: dict[str, Any] = dict(
         prompt_token_ids=prompt, adapter_id="acme/v1", max_new_tokens=6, temperature=0.8, top_k=50, ignore_eos=True
     )
-    result = client.generate(n=3, seed=7, **args)
+    result = client.generate(n=3, seed=7, logprobs=1, **args)
     assert [s.index for s in result.samples] == [0, 1, 2] and result.usage.cached_prompt_tokens == 0
+    # each sample's own logprobs; the top-level ones are sample 0's
+    assert all(s.logprobs is not None and [lp.token_id for lp in s.logprobs] == s.token_ids for s in result.samples)
+    assert result.logprobs == result.samples[0].logprobs
     assert (result.text, result.token_ids, result.finish_reason) == (
         result.samples[0].text, result.samples[0].token_ids, result.samples[0].finish_reason
     )
