@@ -210,12 +210,12 @@ def tiny_qwen2(tiny_root: Path, tokenizer: Any) -> TinyModel:
 def engine_config(
     tiny: TinyModel, *, quantization: str = "nf4", num_blocks: int | None = 256, block_size: int = 16,
     max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_loras: int = 8, max_lora_rank: int = 16,
-    roots: tuple[str, ...] | None = None, **lora: Any,
+    roots: tuple[str, ...] | None = None, prefix_caching: bool = True, **lora: Any,
 ) -> EngineConfig:
     return EngineConfig(
         # exact CPU NF4 matmuls on both sides, so logits agree with PEFT to float rounding
         model=ModelConfig(str(tiny.path), quantization=quantization, dtype="float32", device="cpu", cpu_nf4_kernel="exact"),  # type: ignore[arg-type]
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
         lora=LoraConfig(
             max_loras=max_loras, max_lora_rank=max_lora_rank,

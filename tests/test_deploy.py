@@ -204,6 +204,7 @@ def test_the_dashboard_has_the_operations_panels() -> None:
     for topic in (
         "by final status", "time to first token", "inter-token", "end-to-end", "tokens / s", "running and waiting",
         "kv-cache", "batch size", "adapters per step", "hit rate", "evictions", "bytes", "load latency",
+        "prefix cache hit rate",
     ):
         assert topic in titles, topic
     exprs = " ".join(_expressions(dashboard))

@@ -19,6 +19,8 @@ TORCH_FREE = [
     "loraplex.rules",
     "loraplex.engine.scheduler",
     "loraplex.engine.block_manager",
+    "loraplex.engine.prefix_cache",
+    "loraplex.engine.samples",
     "loraplex.engine.request",
     "loraplex.engine.live_requests",
     "loraplex.engine.stats",

@@ -41,6 +41,17 @@ def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
     assert settings.resolve(parse(), {"LORAPLEX_CONFIG": config})["max_lora_rank"] == 32
 
 
+def test_prefix_caching_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    def config(*flags: str, env: dict[str, str] | None = None) -> bool:
+        return bool(settings.build_config(settings.resolve(parse("--model", "/m", *flags), env or {})).engine.cache.prefix_caching)
+
+    assert config() is True
+    assert config("--no-prefix-caching") is False
+    assert config(env={"LORAPLEX_PREFIX_CACHING": "false"}) is False
+    assert config("--config", toml(tmp_path, "prefix_caching = false\n")) is False
+    assert config("--prefix-caching", env={"LORAPLEX_PREFIX_CACHING": "0"}) is True
+
+
 def test_metrics_options(tmp_path: Path) -> None:
     values = settings.resolve(parse("--model", "/m", "--metrics-port", "0"), {"LORAPLEX_METRICS_TOP_ADAPTERS": "20"})
     config = settings.build_config(values)

@@ -19,6 +19,7 @@ from loraplex_client.types import (
     GenerateChunk,
     GenerateResult,
     ModelInfo,
+    Sample,
     TokenizeResult,
     TokenLogprob,
     UnloadResult,
@@ -57,6 +58,7 @@ class GenerateOptions(TypedDict, total=False):
     request_id: str | None
     messages: Sequence[Mapping[str, str]] | None
     logprobs: int | None
+    n: int | None  # samples of the prompt (1-16); sample i of a seeded request uses seed + i
 
 
 def chat_messages(messages: Sequence[Mapping[str, str]]) -> list[pb.ChatMessage]:
@@ -112,6 +114,7 @@ def usage(message: pb.Usage) -> Usage:
         queue_time_s=message.queue_time_s,
         time_to_first_token_s=message.time_to_first_token_s,
         total_time_s=message.total_time_s,
+        cached_prompt_tokens=message.cached_prompt_tokens,
     )
 
 
@@ -135,16 +138,25 @@ def tokenize_result(message: pb.TokenizeResponse) -> TokenizeResult:
     return TokenizeResult(list(message.token_ids), message.count, message.max_model_len)
 
 
+def _finish_reason(value: int) -> FinishReason:
+    return _FINISH_REASONS.get(value, FinishReason.UNKNOWN)
+
+
 def generate_result(message: pb.GenerateResponse) -> GenerateResult:
+    samples = [
+        Sample(s.index, s.text, list(s.token_ids), _finish_reason(s.finish_reason), logprobs(s.logprobs))
+        for s in message.samples
+    ] or [Sample(0, message.text, list(message.token_ids), _finish_reason(message.finish_reason), logprobs(message.logprobs))]
     return GenerateResult(
         request_id=message.request_id,
         text=message.text,
         token_ids=list(message.token_ids),
-        finish_reason=_FINISH_REASONS.get(message.finish_reason, FinishReason.UNKNOWN),
+        finish_reason=_finish_reason(message.finish_reason),
         usage=usage(message.usage),
         adapter_id=message.adapter_id or None,
         adapter_version=message.adapter_version,
         logprobs=logprobs(message.logprobs),
+        samples=samples,
     )
 
 
@@ -154,9 +166,10 @@ def generate_chunk(message: pb.GenerateStreamResponse) -> GenerateChunk:
         request_id=message.request_id,
         text=message.text,
         token_ids=list(message.token_ids),
-        finish_reason=None if unfinished else _FINISH_REASONS.get(message.finish_reason, FinishReason.UNKNOWN),
+        finish_reason=None if unfinished else _finish_reason(message.finish_reason),
         usage=usage(message.usage) if message.HasField("usage") else None,
         logprobs=logprobs(message.logprobs),
+        index=message.index,
     )
 
 

@@ -8,7 +8,7 @@ tier is "registered" | "host" | "device". Values a newer server adds read as "un
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class FinishReason(enum.StrEnum):
@@ -23,8 +23,9 @@ class Usage:
     prompt_tokens: int
     generated_tokens: int
     queue_time_s: float  # arrival to first scheduled
-    time_to_first_token_s: float  # arrival to first token
+    time_to_first_token_s: float  # arrival to first token (of any sample)
     total_time_s: float
+    cached_prompt_tokens: int = 0  # prompt tokens the server's prefix cache held (not computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,24 +40,38 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, slots=True)
+class Sample:
+    """One of the n samples of a request (GenerateResult.samples)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for with logprobs=N
+
+
+@dataclass(frozen=True, slots=True)
 class GenerateResult:
-    """One finished request (Client.generate)."""
+    """One finished request (Client.generate). text, token_ids and finish_reason are sample
+    0's; with n > 1, `samples` has every sample (sample i of a seeded request: seed + i)."""
 
     request_id: str
     text: str
     token_ids: list[int]
     finish_reason: FinishReason
-    usage: Usage
+    usage: Usage  # with n > 1: the prompt once, the generated tokens of all samples
     adapter_id: str | None  # None: the base model
     adapter_version: int
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for with logprobs=N
+    samples: list[Sample] = field(default_factory=list)  # n of them, by index (n = 1: sample 0 only)
 
 
 @dataclass(frozen=True, slots=True)
 class GenerateChunk:
     """One message of Client.generate_stream: the new text and token ids of an engine step.
 
-    finish_reason and usage are set on the last chunk only (None before it).
+    finish_reason is set on the last chunk of each sample, usage on the stream's last chunk
+    only (None before). With n > 1, the samples' chunks interleave: `index` tells whose.
     """
 
     request_id: str
@@ -65,6 +80,7 @@ class GenerateChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for with logprobs=N
+    index: int = 0  # which sample (n > 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # default: enough for max_num_seqs full-length sequences, within memory
     memory_fraction: float = 0.85  # CUDA: share of free memory the KV cache may take after the model
+    prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed under the same weights
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)

@@ -81,6 +81,10 @@ OPTIONS: tuple[Option, ...] = (
         "num_kv_blocks", C, "num_blocks", "KV-cache blocks (default: fit max_num_seqs full sequences in memory)"
     ),
     _field_option("kv_memory_fraction", C, "memory_fraction", "CUDA: share of free memory for the KV cache"),
+    _field_option(
+        "prefix_caching", C, "prefix_caching",
+        "reuse the KV blocks of prompt prefixes computed under the same adapter version (or the base)",
+    ),
     _field_option("max_num_seqs", S, "max_num_seqs", "running sequences per step"),
     _field_option("max_num_batched_tokens", S, "max_num_batched_tokens", "tokens per step (prompts are chunked to fit)"),
     _field_option("max_waiting", S, "max_waiting", "queued requests before RESOURCE_EXHAUSTED"),

@@ -26,19 +26,20 @@ class FakeEngine:
         self.aborted.append(request_id)
 
 
-def _out(tokens: list[int], finished: bool = False, error: bool = False) -> RequestOutput:
+def _out(tokens: list[int], finished: bool = False, error: bool = False, index: int = 0) -> RequestOutput:
     if error:
         return RequestOutput("r", [], "", True, FinishReason.ERROR, "boom", ErrorKind.INTERNAL)
-    return RequestOutput("r", tokens, "".join(f"w{t} " for t in tokens), finished, FinishReason.LENGTH if finished else None)
+    text = "".join(f"w{t} " for t in tokens)
+    return RequestOutput("r", tokens, text, finished, FinishReason.LENGTH if finished else None, index=index)
 
 
-def _deliver(batches: list[list[RequestOutput]]) -> tuple[list[RequestOutput], FakeEngine]:
+def _deliver(batches: list[list[RequestOutput]], n: int = 1) -> tuple[list[RequestOutput], FakeEngine]:
     """Each batch reaches the stream's queue before its handler runs again (the handler is behind)."""
 
     async def main() -> tuple[list[RequestOutput], FakeEngine]:
         engine = FakeEngine()
         loop = EngineLoop(engine, asyncio.get_running_loop())  # type: ignore[arg-type]
-        stream = loop.stream(GenerateArgs(None, [1, 2], None, SamplingParams(max_new_tokens=8), "r"))
+        stream = loop.stream(GenerateArgs(None, [1, 2], None, SamplingParams(max_new_tokens=8, n=n), "r"))
         first = asyncio.ensure_future(anext(stream))
         await asyncio.sleep(0)  # the request is added; the handler waits on its queue
         received: list[RequestOutput] = []
@@ -46,9 +47,9 @@ def _deliver(batches: list[list[RequestOutput]]) -> tuple[list[RequestOutput], F
         for i, batch in enumerate(batches):
             loop._dispatch(batch)
             received.append(await pending)
-            while not received[-1].finished and i == len(batches) - 1:  # held back: needs no new step
+            while len([o for o in received if o.finished]) < n and i == len(batches) - 1:  # held back: no new step
                 received.append(await anext(stream))
-            if received[-1].finished:
+            if len([o for o in received if o.finished]) == n:
                 break
             pending = asyncio.ensure_future(anext(stream))
             await asyncio.sleep(0)
@@ -89,3 +90,15 @@ def test_joined_outputs_keep_every_tokens_logprobs_in_order() -> None:
     assert [(lp.token_id, lp.logprob) for lp in received[0].logprobs] == [(5, -5.0), (6, -6.0), (7, -7.0)]
     received, _ = _deliver([[_out([5]), _out([6])], [_out([7], finished=True)]])
     assert received[0].logprobs is None  # none asked for, none made up
+
+
+def test_the_samples_of_a_request_are_joined_each_with_itself_and_the_stream_ends_after_all() -> None:
+    received, engine = _deliver(
+        [[_out([5]), _out([6]), _out([50], index=1), _out([51], index=1), _out([7])],
+         [_out([8], finished=True), _out([52], finished=True, index=1)]],
+        n=2,
+    )
+    assert [(o.index, o.new_token_ids, o.finished) for o in received] == [
+        (0, [5, 6], False), (1, [50, 51], False), (0, [7], False), (0, [8], True), (1, [52], True)
+    ]
+    assert engine.aborted == []  # it ended when both samples had finished, not at the first

@@ -150,6 +150,45 @@ def test_unary_generate_and_usage(client: Client) -> None:
     assert result.adapter_id == "acme/v0" and result.adapter_version >= 1
 
 
+def test_n_samples_seeds_and_cached_prompt_tokens(client: Client, server: BackgroundServer) -> None:
+    prompt = list(range(100, 140))  # 40 tokens: 2 full KV blocks of 16 (seen by no other test)
+    args: dict[str, Any] = dict(
+        prompt_token_ids=prompt, adapter_id="acme/v1", max_new_tokens=6, temperature=0.8, top_k=50, ignore_eos=True
+    )
+    result = client.generate(n=3, seed=7, logprobs=1, **args)
+    assert [s.index for s in result.samples] == [0, 1, 2] and result.usage.cached_prompt_tokens == 0
+    # each sample's own logprobs; the top-level ones are sample 0's
+    assert all(s.logprobs is not None and [lp.token_id for lp in s.logprobs] == s.token_ids for s in result.samples)
+    assert result.logprobs == result.samples[0].logprobs
+    assert (result.text, result.token_ids, result.finish_reason) == (
+        result.samples[0].text, result.samples[0].token_ids, result.samples[0].finish_reason
+    )
+    assert result.usage.prompt_tokens == 40 and result.usage.generated_tokens == 3 * 6
+    # Sample i equals a request of one sample seeded 7 + i, which finds the prompt's blocks cached.
+    singles = [client.generate(seed=7 + i, **args) for i in range(3)]
+    assert [s.token_ids for s in result.samples] == [r.token_ids for r in singles]
+    assert [r.usage.cached_prompt_tokens for r in singles] == [32, 32, 32] and len(singles[0].samples) == 1
+    assert len({tuple(s.token_ids) for s in result.samples}) > 1
+
+    tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    reasons: dict[int, str] = {}
+    chunks = list(client.generate_stream(n=3, seed=7, **args))
+    for chunk in chunks:
+        tokens[chunk.index].extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            reasons[chunk.index] = chunk.finish_reason
+    assert [tokens[i] for i in range(3)] == [s.token_ids for s in result.samples]
+    assert reasons == {0: "length", 1: "length", 2: "length"}
+    assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.generated_tokens == 18 and usage.cached_prompt_tokens == 32
+    for n in (0, 17):
+        with pytest.raises(InvalidRequestError, match="n must be in"):
+            client.generate(n=n, **args)
+    wait_idle(_engine(server))
+    assert _engine(server).blocks.num_used_blocks == 0
+
+
 def test_cancelled_stream_frees_blocks_and_slot(client: Client, server: BackgroundServer) -> None:
     engine = _engine(server)
     wait_idle(engine)

@@ -111,6 +111,11 @@ EXPECTED_FAMILIES = {
     "loraplex_preemptions": "counter",
     "loraplex_kv_blocks_used": "gauge",
     "loraplex_kv_blocks_free": "gauge",
+    "loraplex_prefix_cache_enabled": "gauge",
+    "loraplex_prefix_cache_blocks": "gauge",
+    "loraplex_prefix_cache_queried_tokens": "counter",
+    "loraplex_prefix_cache_hit_tokens": "counter",
+    "loraplex_prefix_cache_evictions": "counter",
     "loraplex_adapter_store_hits": "counter",
     "loraplex_adapter_store_misses": "counter",
     "loraplex_adapter_store_loads": "counter",
@@ -226,6 +231,24 @@ def test_traffic_is_counted_once_and_histograms_observe_each_request(client: Cli
     assert total(after, "loraplex_adapter_requests_total") == sum(
         value(after, "loraplex_requests_total", finish_reason=r) for r in ("stop", "length", "aborted", "error")
     )
+
+
+def test_prefix_cache_queries_and_hits_are_counted_in_tokens(client: Client, server: BackgroundServer) -> None:
+    engine = server.server.engine
+    wait_idle(engine)
+    before, _ = scrape(_port(server))
+    prompt = list(range(200, 240))  # 40 tokens: 2 full blocks of 16
+    first = client.generate(prompt_token_ids=prompt, adapter_id="qv-r4", max_new_tokens=2, ignore_eos=True)
+    second = client.generate(prompt_token_ids=prompt, adapter_id="qv-r4", max_new_tokens=2, ignore_eos=True)
+    other = client.generate(prompt_token_ids=prompt, max_new_tokens=2, ignore_eos=True)  # the base: its own blocks
+    after, _ = scrape(_port(server))
+    assert [r.usage.cached_prompt_tokens for r in (first, second, other)] == [0, 32, 0]
+    assert delta(after, before, "loraplex_prefix_cache_queried_tokens_total") == 3 * 40
+    assert delta(after, before, "loraplex_prefix_cache_hit_tokens_total") == 32
+    assert value(after, "loraplex_prefix_cache_enabled") == 1
+    assert value(after, "loraplex_prefix_cache_blocks") >= 4  # qv-r4's 2 and the base's 2, parked
+    # Computed tokens: the prompts less the hit, and each request's one decode.
+    assert delta(after, before, "loraplex_step_tokens_sum") == 3 * 40 - 32 + 3
 
 
 def test_adapter_store_hits_loads_and_evictions(client: Client, server: BackgroundServer, adapter_root: Path) -> None:

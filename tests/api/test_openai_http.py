@@ -174,6 +174,42 @@ def test_n_choices_use_seed_plus_index(oai: openai.OpenAI, grpc: Client) -> None
     assert r.usage.prompt_tokens == grpc.tokenize(PROMPT).count and r.usage.completion_tokens == 18
 
 
+def test_n_choices_are_samples_of_one_engine_request_sharing_the_prompt_blocks(
+    server: BackgroundServer, oai: openai.OpenAI
+) -> None:
+    """As GenerateRequest's n: choices 1.. start from the full blocks choice 0 computed (the
+    hit counters say so, to the token), and usage reports OpenAI's cached_tokens."""
+    engine = server.server.engine
+    prompt = list(range(300, 340))  # 40 tokens: 2 full KV blocks of 16 (seen by no other test)
+    kw: dict[str, Any] = {"max_tokens": 4, "n": 3, "seed": 3, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    wait_idle(engine)
+    before = engine.stats().prefix_cache
+    r = oai.completions.create(model="qv-r4", prompt=prompt, **kw)
+    after = engine.stats().prefix_cache
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (40, 12)
+    assert r.usage.prompt_tokens_details is not None and r.usage.prompt_tokens_details.cached_tokens == 0
+    assert after.queried_tokens - before.queried_tokens == 3 * 40
+    assert after.hit_tokens - before.hit_tokens == 2 * 32  # the prompt's blocks computed once, by choice 0
+
+    # The same body again, streamed: choice 0 finds the prompt cached too; the same draws.
+    events = list(oai.completions.create(model="qv-r4", prompt=prompt, stream=True, stream_options={"include_usage": True}, **kw))
+    texts = {i: "".join(c.choices[0].text for c in events if c.choices and c.choices[0].index == i) for i in range(3)}
+    assert [texts[i] for i in range(3)] == [c.text for c in r.choices]
+    usage = events[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens) == (40, 12, 32)
+
+    # Two prompts x n = 2: each prompt's samples share its own blocks; choice p * n + i.
+    two = oai.completions.create(model="qv-r4", prompt=[prompt, prompt[:20]], **{**kw, "n": 2})
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    assert [c.text for c in two.choices[:2]] == [c.text for c in r.choices[:2]]
+    assert two.usage.prompt_tokens == 60 and two.usage.prompt_tokens_details is not None
+    assert two.usage.prompt_tokens_details.cached_tokens == 32 + 16
+    wait_idle(engine)
+    assert engine.blocks.num_used_blocks == 0
+
+
 @pytest.mark.parametrize("adapter", ["acme/chatty", "qv-r4", None])
 def test_chat_greedy_tokens_and_logprobs_equal_peft(
     oai: openai.OpenAI, tokenizer: Any, llama_peft: Any, adapter: str | None

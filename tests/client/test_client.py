@@ -25,7 +25,7 @@ from loraplex_client import (
 
 GENERATE = "/loraplex.v1.LoraPlex/Generate"
 UPLOAD = "/loraplex.v1.LoraPlex/UploadAdapter"
-OPTIONAL_FIELDS = ["max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty"]
+OPTIONAL_FIELDS = ["max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "n"]
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_only_optional_fields_the_caller_set_are_sent(fake_server: FakeServer) -
         client.generate("x", temperature=0.0, seed=0, stop="END")
         result = client.generate(
             "x", max_new_tokens=5, temperature=0.5, top_p=0.75, top_k=40, seed=7,
-            stop=["a", "b"], stop_token_ids=[2, 3], ignore_eos=True, repetition_penalty=1.25,
+            stop=["a", "b"], stop_token_ids=[2, 3], ignore_eos=True, repetition_penalty=1.25, n=3,
         )
     sparse, full = fake_server.servicer.generate_requests
 
@@ -69,7 +69,7 @@ def test_only_optional_fields_the_caller_set_are_sent(fake_server: FakeServer) -
 
     assert all(full.HasField(name) for name in OPTIONAL_FIELDS)
     assert (full.max_new_tokens, full.temperature, full.top_p, full.top_k, full.seed) == (5, 0.5, 0.75, 40, 7)
-    assert full.repetition_penalty == 1.25 and full.ignore_eos
+    assert full.repetition_penalty == 1.25 and full.ignore_eos and full.n == 3
     assert list(full.stop) == ["a", "b"] and list(full.stop_token_ids) == [2, 3]
     assert result.finish_reason == "length"
 
@@ -278,3 +278,22 @@ def test_context_manager_closes_the_channel(fake_server: FakeServer) -> None:
     assert fake_server.servicer.stream_ended.wait(5)
     with pytest.raises(ValueError, match="closed"):
         client.generate("hi")
+
+
+def test_samples_and_cached_tokens_are_read_from_the_wire() -> None:
+    from loraplex_client import FinishReason, Sample
+    from loraplex_client._convert import generate_chunk, generate_result
+    from loraplex_proto.v1 import loraplex_pb2 as pb
+
+    one = generate_result(pb.GenerateResponse(text="a", token_ids=[1], finish_reason=pb.FINISH_REASON_STOP))
+    assert one.samples == [Sample(0, "a", [1], FinishReason.STOP)]  # n = 1: sample 0 is the result itself
+    many = generate_result(pb.GenerateResponse(
+        text="a", token_ids=[1], finish_reason=pb.FINISH_REASON_STOP, usage=pb.Usage(cached_prompt_tokens=32),
+        samples=[
+            pb.Sample(index=0, text="a", token_ids=[1], finish_reason=pb.FINISH_REASON_STOP),
+            pb.Sample(index=1, text="bc", token_ids=[2, 3], finish_reason=pb.FINISH_REASON_LENGTH),
+        ],
+    ))
+    assert many.samples == [Sample(0, "a", [1], FinishReason.STOP), Sample(1, "bc", [2, 3], FinishReason.LENGTH)]
+    assert many.usage.cached_prompt_tokens == 32
+    assert generate_chunk(pb.GenerateStreamResponse(text="x", token_ids=[4], index=2)).index == 2

@@ -183,3 +183,108 @@ def test_abort_and_finish_release_everything() -> None:
     s.add(waiting)
     s.finish(waiting, RequestStatus.FINISHED_ABORTED)  # a waiting one leaves the queue
     assert waiting.status is RequestStatus.FINISHED_ABORTED and not s.waiting
+
+
+# -- prefix caching ------------------------------------------------------------------
+
+def _cached_request(rid: str, tokens: list[int], adapter: FakeAdapter | None = None, key: str = "base") -> Request:
+    return Request(rid, list(tokens), SamplingParams(max_new_tokens=4), adapter=adapter, cache_key=key)
+
+
+def _all_free(s: Scheduler) -> bool:
+    return s.blocks.num_free_blocks == s.blocks.num_blocks and all(
+        s.blocks.ref_count(b) == 0 for b in range(s.blocks.num_blocks)
+    )
+
+
+def test_a_cached_prefix_is_skipped_and_costs_no_token_budget() -> None:
+    s = _scheduler(max_num_batched_tokens=8)
+    first = _cached_request("first", list(range(12)))
+    s.add(first)
+    assert _run(s) == [("first", 8)]
+    assert _run(s) == [("first", 4)]
+    s.add(_cached_request("second", [*range(12), 40, 41]))
+    # first's 3 full blocks are cached now; second computes only its last 2 tokens.
+    assert _run(s) == [("first", 1), ("second", 2)]
+    second = s.running[1]
+    assert second.block_table[:3] == first.block_table[:3] and second.num_cached_prompt_tokens == 12
+    for r in list(s.running):
+        s.finish(r, RequestStatus.FINISHED_STOPPED)
+    assert _all_free(s)
+
+
+def test_chunked_prefill_continues_after_a_hit() -> None:
+    s = _scheduler(max_num_batched_tokens=4)
+    s.add(_cached_request("a", list(range(9))))
+    for _ in range(3):
+        _run(s)
+    s.add(_cached_request("b", [*range(8), *range(50, 58)]))
+    assert _run(s) == [("a", 1), ("b", 3)]  # b: hit 8, then its 8 own tokens in chunks
+    assert _run(s) == [("a", 1), ("b", 3)]
+    assert _run(s) == [("a", 1), ("b", 2)]
+
+
+def test_the_same_tokens_under_another_adapter_are_not_hit() -> None:
+    s = _scheduler()
+    x, y = FakeAdapter("x"), FakeAdapter("y")
+    s.add(_cached_request("on-x", list(range(12)), x, key="adapter:x@1"))
+    _run(s)
+    s.add(_cached_request("on-y", list(range(12)), y, key="adapter:y@1"))
+    s.add(_cached_request("on-base", list(range(12))))
+    s.add(_cached_request("on-x-v2", list(range(12)), x, key="adapter:x@2"))
+    assert _run(s) == [("on-x", 1), ("on-y", 12), ("on-base", 12), ("on-x-v2", 12)]
+    assert s.blocks.num_hit_tokens == 0
+
+
+def test_preempting_a_request_that_shares_blocks_keeps_the_other_whole() -> None:
+    s = _scheduler(num_blocks=6)
+    a = _cached_request("a", list(range(8)))
+    s.add(a)
+    _run(s)
+    b = _cached_request("b", [*range(8), 9, 9, 9])  # shares a's two blocks
+    s.add(b)
+    assert _run(s) == [("a", 1), ("b", 3)]
+    shared = a.block_table[:2]
+    assert b.block_table[:2] == shared and [s.blocks.ref_count(x) for x in shared] == [2, 2]
+    # Fill the cache: a grows until b (newest) is preempted.
+    preempted: list[str] = []
+    while not preempted:
+        a.output_token_ids.append(0)
+        batch = s.schedule()
+        preempted = [r.request_id for r in batch.preempted]
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            r.num_computed_tokens += n
+    assert preempted == ["b"] and b.block_table == [] and [s.blocks.ref_count(x) for x in shared] == [1, 1]
+    s.finish(a, RequestStatus.FINISHED_STOPPED)
+    # b resumes from the cache: a's blocks of b's prefix are still parked.
+    assert _run(s) == [("b", 4)]  # 12 tokens (11 + 1 generated), 8 of them cached
+    assert b.block_table[:2] == shared and b.num_preemptions == 1
+    s.finish(b, RequestStatus.FINISHED_STOPPED)
+    assert _all_free(s)
+
+
+def _samples(rid: str, tokens: list[int], n: int) -> list[Request]:
+    samples = [_cached_request(rid, tokens) for _ in range(n)]
+    for i, sample in enumerate(samples):
+        sample.index, sample.leader = i, samples[0] if i else None
+    return samples
+
+
+def test_samples_of_one_prompt_share_its_blocks() -> None:
+    s = _scheduler()
+    samples = _samples("r", list(range(10)), 3)
+    for sample in samples:
+        s.add(sample)
+    assert _run(s) == [("r", 10)]  # the others wait for sample 0's prompt blocks
+    assert _run(s) == [("r", 1), ("r", 2), ("r", 2)]  # ... then compute only the partial block
+    shared = samples[0].block_table[:2]
+    assert all(x.block_table[:2] == shared for x in samples) and s.blocks.ref_count(shared[0]) == 3
+    assert s.blocks.num_used_blocks == 2 + 3  # the prompt's full blocks once, a last block each
+    assert [x.num_cached_prompt_tokens for x in samples] == [0, 8, 8]
+
+
+def test_samples_of_a_short_prompt_do_not_wait() -> None:
+    s = _scheduler()
+    for sample in _samples("r", [1, 2, 3], 3):
+        s.add(sample)
+    assert _run(s) == [("r", 3)] * 3

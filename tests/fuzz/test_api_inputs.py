@@ -96,6 +96,7 @@ generate_requests = st.builds(
     stop_token_ids=st.lists(st.integers(0, 2**32 - 1) | st.integers(0, 600), max_size=4),
     ignore_eos=st.booleans(),
     repetition_penalty=st.none() | floats,
+    n=st.none() | st.integers(0, 2**32 - 1) | st.integers(1, 4),
     request_id=st.just("") | st.text(max_size=10) | st.text(min_size=129, max_size=140),
 )
 
@@ -109,6 +110,8 @@ generate_requests = st.builds(
 @example(request=pb.GenerateRequest(prompt="hi", seed=2**64 - 1), streaming=False)
 @example(request=pb.GenerateRequest(prompt="", prompt_token_ids=[]), streaming=False)
 @example(request=pb.GenerateRequest(prompt_token_ids=[5], stop_token_ids=[2**32 - 1]), streaming=True)
+@example(request=pb.GenerateRequest(prompt_token_ids=[5], n=2**32 - 1), streaming=True)
+@example(request=pb.GenerateRequest(prompt_token_ids=list(range(5, 40)), n=3, seed=1, temperature=1.0), streaming=True)
 def test_generate_request_fields(
     request: pb.GenerateRequest, streaming: bool, stub: pb_grpc.LoraPlexStub, server: BackgroundServer, reference: list[int]
 ) -> None:

@@ -14,7 +14,7 @@ abort of it can be. A handler that stops listening (client cancel, disconnect, d
 aborts its request; the engine frees its KV blocks and adapter slot at the next step.
 
 A handler that falls behind the engine (a busy event loop, a slow client) finds several
-outputs waiting: it sends them as one message (tokens and text joined), so the per-message
+outputs waiting: it sends a sample's run of them as one message (tokens and text joined), so the per-message
 cost of gRPC shrinks exactly when the loop is short of time. A final output is never joined
 to the ones before it (an error must not swallow tokens already produced).
 
@@ -133,7 +133,8 @@ class EngineLoop:
         return await asyncio.to_thread(self.engine.prompts.encode, prompt or "")
 
     async def stream(self, args: GenerateArgs) -> AsyncGenerator[RequestOutput, None]:
-        """Add a request and yield its outputs until it finishes; abort it if left early."""
+        """Add a request and yield its outputs until it finishes (every sample of it, with
+        n > 1: their outputs interleave, told apart by index); abort it if left early."""
         rid = args.request_id or new_request_id()
         if rid in self._streams:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight")
@@ -148,17 +149,19 @@ class EngineLoop:
             # Synchronous on purpose: the request is in the engine's inbox before any abort can be.
             self.engine.add_request(args.prompt, args.params, None, rid, prompt_token_ids=prompt_ids, adapter=adapter)
             added = True
-            pending: RequestOutput | None = None  # a final output read while joining, sent next
+            pending: RequestOutput | None = None  # an output read while joining that cannot join, sent next
+            unfinished = args.params.n
             while True:
                 out = pending or await queue.get()
                 pending = None
                 while not out.finished and not queue.empty():  # behind the engine: one message
                     later = queue.get_nowait()
-                    if later.finished:
+                    if later.finished or later.index != out.index:  # samples are joined only with themselves
                         pending = later
                         break
                     out = joined(out, later)
-                finished = out.finished
+                unfinished -= out.finished
+                finished = unfinished == 0
                 if finished:
                     log.debug("request %s finished: %s", rid, out.finish_reason, extra={"request_id": rid})
                 yield out
@@ -176,7 +179,7 @@ class EngineLoop:
 
 
 def joined(first: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """Two consecutive unfinished outputs of one request as one (tokens, text and logprobs)."""
+    """Two consecutive unfinished outputs of one request (one sample of it) as one (tokens, text and logprobs)."""
     logprobs = None if first.logprobs is None and later.logprobs is None else [*(first.logprobs or ()), *(later.logprobs or ())]
     return dataclasses.replace(
         later, new_token_ids=first.new_token_ids + later.new_token_ids, new_text=first.new_text + later.new_text,

@@ -7,6 +7,9 @@
                                                     store's own counters in it (they include
                                                     what happened before the server started)
 
+A request with n > 1 samples counts as n requests (each sample finishes on its own), its
+prompt tokens once.
+
 Every name starts with `loraplex_`; counters end in `_total`, durations are `_seconds`.
 Labels stay bounded: finish_reason (4 values), tier (3), and — only with
 `--metrics-top-adapters N` — adapter, held to the N busiest ids plus "(other)".
@@ -124,7 +127,7 @@ class Metrics:
         ProcessCollector(registry=r)
         r.register(StateCollector(engine))
 
-        self._last_token: dict[str, float] = {}  # request id -> time of its last token output
+        self._last_token: dict[tuple[str, int], float] = {}  # (request id, sample) -> time of its last token output
         self._attached: EngineLoop | None = None
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -186,7 +189,8 @@ class Metrics:
         reason = request.status.finish_reason
         assert reason is not None
         self.requests.labels(reason.value).inc()
-        self.prompt_tokens.inc(usage.prompt_tokens)
+        if request.index == 0:  # the samples of one request share its prompt
+            self.prompt_tokens.inc(usage.prompt_tokens)
         self.e2e.observe(now - request.arrival_time)
         self.queue.observe(usage.queue_time_s)
         if usage.time_to_first_token_s is not None:
@@ -200,12 +204,12 @@ class Metrics:
         for out in outputs:
             if out.new_token_ids:
                 generated += len(out.new_token_ids)
-                last = self._last_token.get(out.request_id)
+                last = self._last_token.get((out.request_id, out.index))
                 if last is not None:
                     self.itl.observe(now - last)
-                self._last_token[out.request_id] = now
+                self._last_token[(out.request_id, out.index)] = now
             if out.finished:
-                self._last_token.pop(out.request_id, None)
+                self._last_token.pop((out.request_id, out.index), None)
         if generated:
             self.generated_tokens.inc(generated)
         step = self.engine.last_step
@@ -274,7 +278,18 @@ class StateCollector(Collector):
             "loraplex_requests_waiting", "Requests queued for KV blocks, a batch seat or their adapter", stats.waiting
         )
         yield _gauge("loraplex_kv_blocks_used", "KV-cache blocks held by sequences", stats.kv_blocks_used)
-        yield _gauge("loraplex_kv_blocks_free", "KV-cache blocks free", stats.kv_blocks_free)
+        yield _gauge("loraplex_kv_blocks_free", "KV-cache blocks free (cached ones no request holds included)", stats.kv_blocks_free)
+        cache = stats.prefix_cache
+        yield _gauge("loraplex_prefix_cache_enabled", "1 if --prefix-caching is on", int(cache.enabled))
+        yield _gauge("loraplex_prefix_cache_blocks", "KV blocks with a known prefix (held or parked)", cache.cached_blocks)
+        yield _counter(
+            "loraplex_prefix_cache_queried_tokens", "Tokens of admitted requests looked up in the prefix cache",
+            cache.queried_tokens,
+        )
+        yield _counter(
+            "loraplex_prefix_cache_hit_tokens", "Looked-up tokens found in cached KV blocks (not computed)", cache.hit_tokens
+        )
+        yield _counter("loraplex_prefix_cache_evictions", "Cached KV blocks taken back for new tokens", cache.evictions)
 
         snap, slot_bytes = stats.adapters, stats.adapter_slot_bytes
         resident = GaugeMetricFamily(
@@ -319,3 +334,7 @@ class StateCollector(Collector):
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)

@@ -1,7 +1,7 @@
 """Completions and chat completions over the engine loop: n choices, streamed or not.
 
-    body ──requests()──> one GenerateArgs per choice (choice i of a seeded request: seed + i)
-         ──Choices────> one engine-loop stream per choice, merged: (choice index, output)
+    body ──requests()──> one GenerateArgs per prompt, params.n = the body's n
+         ──Choices────> one engine-loop stream per prompt, merged: (choice index, output)
          ──first()────> every choice's first output, or its error as an HTTP status
          ──JSON, or SSE: chunk per output ... [usage chunk] data: [DONE]
 
@@ -10,9 +10,10 @@ field, a full queue or an adapter that fails to load is still an HTTP status the
 that leaves closes the Choices, whose streams abort their engine requests (engine_loop.py):
 KV blocks and adapter slots come back at the next step.
 
-`n` fans out here, one engine request per choice (at most MAX_N), sharing nothing but the
-batch; an engine-side n that shares the prompt's blocks can replace it without changing
-this module's callers.
+`n` is the engine's (SamplingParams.n, engine/samples.py), as GenerateRequest's `n`: the n
+choices of a prompt are the samples of one engine request, which compute and hold the
+prompt's KV blocks once; choice i of a seeded request samples with seed s + i (sample_seed).
+Prompt p's sample i is choice p * n + i.
 """
 
 from __future__ import annotations
@@ -30,27 +31,25 @@ from loraplex.api.validation import GenerateArgs
 from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.request import RequestOutput
 
-SEED_MODULUS = 2**63  # the agreed rule: choice i of a request with seed s samples with s + i
-
-
-def choice_seed(seed: int | None, index: int) -> int | None:
-    return None if seed is None else (seed + index) % SEED_MODULUS
-
 
 class Choices:
-    """n engine-loop streams as one: (choice index, output), in the order outputs arrive."""
+    """The engine-loop streams of a body's prompts as one: (choice index, output), in the
+    order outputs arrive. Every request has the same params.n; the choices number
+    len(requests) * n."""
 
     def __init__(self, engine_loop: EngineLoop, requests: Sequence[GenerateArgs]) -> None:
         self._queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
-        self._open = len(requests)
-        self._tasks = [asyncio.create_task(self._pump(i, engine_loop, args)) for i, args in enumerate(requests)]
+        self.n = sum(args.params.n for args in requests)
+        self._open = self.n
+        self._tasks = [asyncio.create_task(self._pump(p, engine_loop, args)) for p, args in enumerate(requests)]
 
-    async def _pump(self, index: int, engine_loop: EngineLoop, args: GenerateArgs) -> None:
+    async def _pump(self, prompt: int, engine_loop: EngineLoop, args: GenerateArgs) -> None:
+        first = prompt * args.params.n  # prompt p's sample i is choice p * n + i
         try:
             async for out in engine_loop.stream(args):
-                self._queue.put_nowait((index, out, None))
+                self._queue.put_nowait((first + out.index, out, None))
         except Exception as e:
-            self._queue.put_nowait((index, None, e))
+            self._queue.put_nowait((first, None, e))
 
     async def next(self) -> tuple[int, RequestOutput] | None:
         """The next output of any choice; None once every choice has finished. Raises the
@@ -97,6 +96,10 @@ class ChoiceState:
     @property
     def prompt_tokens(self) -> int:
         return self.final.usage.prompt_tokens if self.final is not None and self.final.usage else 0
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        return self.final.usage.cached_prompt_tokens if self.final is not None and self.final.usage else 0
 
 
 async def first_outputs(choices: Choices, n: int) -> list[tuple[int, RequestOutput]]:

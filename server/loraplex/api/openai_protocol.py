@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.engine.logprobs import MAX_LOGPROBS, TokenLogprobs
 from loraplex.engine.prompts import ChatMessage
+from loraplex.engine.request import MAX_SAMPLES
 
-MAX_N = 16  # choices per request (n); each is its own engine request
 # OpenAI's API samples at temperature 1 unless told otherwise (gRPC's default is greedy).
 DEFAULT_TEMPERATURE = 1.0
 MAX_CHOICES = 64  # prompts x n in one completions request
@@ -87,7 +87,7 @@ class SamplingBody(Body):
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1, le=MAX_SAMPLES)  # the engine's samples of one prompt
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -238,9 +238,11 @@ def chat_logprobs(lps: list[TokenLogprobs], texts: dict[int, str]) -> dict[str, 
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage; cached_tokens: prompt tokens the prefix cache held (not computed)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }

@@ -21,7 +21,6 @@ from loraplex.api.openai_generate import (
     Choices,
     ChoiceState,
     ClientGone,
-    choice_seed,
     first_outputs,
     run_all,
     stream_events,
@@ -85,7 +84,7 @@ def _check_neutral(body: SamplingBody) -> None:
         raise bad_field(*problems[0])
 
 
-def _params(front: OpenAIFront, body: SamplingBody, max_tokens: int | None, logprobs: int | None, seed: int | None) -> SamplingParams:
+def _params(front: OpenAIFront, body: SamplingBody, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     max_new = front.engine.max_model_len if max_tokens is None else max_tokens
     if max_new > front.engine.max_model_len:
         raise InvalidFieldError(
@@ -96,7 +95,8 @@ def _params(front: OpenAIFront, body: SamplingBody, max_tokens: int | None, logp
     return SamplingParams(
         max_new_tokens=max_new,
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-        seed=seed,
+        seed=body.seed,
+        n=body.n,  # choice i of a seeded request samples with seed + i (engine/samples.py)
         stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
@@ -126,7 +126,8 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[tupl
     return out
 
 
-def _choice_ids(rid: str, count: int) -> list[str]:
+def _prompt_ids(rid: str, count: int) -> list[str]:
+    """The engine request ids of a body's prompts: the request's id, suffixed when it has several."""
     return [rid] if count == 1 else [f"{rid}-{i}" for i in range(count)]
 
 
@@ -137,12 +138,9 @@ async def _completions(front: OpenAIFront, request: Request, body: CompletionBod
     if len(prompts) * body.n > MAX_CHOICES:
         raise bad_field("n", f"{len(prompts)} prompts x n={body.n} choices; at most {MAX_CHOICES} in one request")
     rid = _request_id(request)
-    ids = _choice_ids(rid, len(prompts) * body.n)
-    requests = [
-        GenerateArgs(text, tokens, adapter_id, _params(front, body, body.max_tokens, body.logprobs, choice_seed(body.seed, j)), ids[p * body.n + j])
-        for p, (text, tokens) in enumerate(prompts)
-        for j in range(body.n)
-    ]
+    ids = _prompt_ids(rid, len(prompts))
+    params = _params(front, body, body.max_tokens, body.logprobs)
+    requests = [GenerateArgs(text, tokens, adapter_id, params, ids[p]) for p, (text, tokens) in enumerate(prompts)]
     shape = _Shape(front, body, f"cmpl-{rid}", "text_completion", chat=False)
     return await _respond(front, request, body, requests, shape)
 
@@ -156,18 +154,14 @@ async def _chat(front: OpenAIFront, request: Request, body: ChatCompletionBody, 
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     rid = _request_id(request)
-    ids = _choice_ids(rid, body.n)
-    requests = [
-        GenerateArgs(None, None, adapter_id, _params(front, body, max_tokens, logprobs, choice_seed(body.seed, j)), ids[j], messages)
-        for j in range(body.n)
-    ]
+    requests = [GenerateArgs(None, None, adapter_id, _params(front, body, max_tokens, logprobs), rid, messages)]
     shape = _Shape(front, body, f"chatcmpl-{rid}", "chat.completion", chat=True)
     return await _respond(front, request, body, requests, shape)
 
 
 async def _respond(front: OpenAIFront, request: Request, body: SamplingBody, requests: list[GenerateArgs], shape: _Shape) -> Response:
     choices = Choices(front.engine_loop, requests)
-    n = len(requests)
+    n = choices.n
     try:
         first = await unless_disconnected(request.receive, first_outputs(choices, n))
         if body.stream:
@@ -221,9 +215,12 @@ class _Shape:
         body = self.body
         return bool(body.logprobs) if isinstance(body, ChatCompletionBody) else getattr(body, "logprobs", None) is not None
 
-    def _usage(self, states: list[ChoiceState]) -> dict[str, int]:
-        prompt = sum(states[i].prompt_tokens for i in range(0, len(states), self.per_prompt))
-        return usage(prompt, sum(len(s.token_ids) for s in states))
+    def _usage(self, states: list[ChoiceState]) -> dict[str, Any]:
+        """Each prompt once (its sample 0 computes it: its cached tokens), every choice's tokens."""
+        firsts = states[:: self.per_prompt]
+        prompt = sum(s.prompt_tokens for s in firsts)
+        cached = sum(s.cached_prompt_tokens for s in firsts)
+        return usage(prompt, sum(len(s.token_ids) for s in states), cached)
 
     def whole(self, states: list[ChoiceState]) -> dict[str, Any]:
         choices = []

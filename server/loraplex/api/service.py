@@ -96,16 +96,21 @@ def _logprobs(out: RequestOutput) -> list[pb.TokenLogprob]:
     ]
 
 
-def _usage(out: RequestOutput, started: float) -> pb.Usage:
-    u = out.usage
+def _usage(finals: dict[int, RequestOutput], started: float) -> pb.Usage:
+    """One request's usage from its samples' final outputs: the prompt once (sample 0's
+    queue time and cached tokens: it computes the prompt), the tokens of all, the first token of any."""
+    usages = [out.usage for out in finals.values() if out.usage is not None]
+    u = finals[0].usage
     if u is None:
         return pb.Usage(total_time_s=time.monotonic() - started)
+    first_tokens = [x.time_to_first_token_s for x in usages if x.time_to_first_token_s is not None]
     return pb.Usage(
         prompt_tokens=u.prompt_tokens,
-        generated_tokens=u.generated_tokens,
+        generated_tokens=sum(x.generated_tokens for x in usages),
         queue_time_s=u.queue_time_s,
-        time_to_first_token_s=u.time_to_first_token_s or 0.0,
+        time_to_first_token_s=min(first_tokens, default=0.0),
         total_time_s=time.monotonic() - started,
+        cached_prompt_tokens=u.cached_prompt_tokens,
     )
 
 
@@ -131,29 +136,41 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         started = time.monotonic()
         args = self._args(request)
-        text: list[str] = []
-        tokens: list[int] = []
-        logprobs: list[pb.TokenLogprob] = []
+        n = args.params.n
+        text: list[list[str]] = [[] for _ in range(n)]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[pb.TokenLogprob]] = [[] for _ in range(n)]
+        finals: dict[int, RequestOutput] = {}
         async for out in self.engine_loop.stream(args):
-            text.append(out.new_text)
-            tokens.extend(out.new_token_ids)
-            logprobs.extend(_logprobs(out))
+            text[out.index].append(out.new_text)
+            tokens[out.index].extend(out.new_token_ids)
+            logprobs[out.index].extend(_logprobs(out))
             if out.finished:
                 error = ended_status(out)
                 if error is not None:
                     raise error
-                assert out.finish_reason is not None
-                return pb.GenerateResponse(
-                    request_id=out.request_id,
-                    text="".join(text),
-                    token_ids=tokens,
-                    finish_reason=FINISH[out.finish_reason],
-                    usage=_usage(out, started),
-                    adapter_id=args.adapter_id or "",
-                    adapter_version=out.adapter_version or 0,
-                    logprobs=logprobs,
-                )
-        raise ApiError(grpc.StatusCode.INTERNAL, "the request ended without a final output")
+                finals[out.index] = out
+        if len(finals) < n:
+            raise ApiError(grpc.StatusCode.INTERNAL, "the request ended without a final output")
+        reasons = [finals[i].finish_reason for i in range(n)]
+        samples = [
+            pb.Sample(
+                index=i, text="".join(text[i]), token_ids=tokens[i], finish_reason=FINISH[reason], logprobs=logprobs[i]
+            )
+            for i, reason in enumerate(reasons)
+            if reason is not None
+        ]
+        return pb.GenerateResponse(
+            request_id=finals[0].request_id,
+            text=samples[0].text,
+            token_ids=samples[0].token_ids,
+            finish_reason=samples[0].finish_reason,
+            usage=_usage(finals, started),
+            adapter_id=args.adapter_id or "",
+            adapter_version=finals[0].adapter_version or 0,
+            logprobs=samples[0].logprobs,
+            samples=samples if n > 1 else [],
+        )
 
     @streaming
     async def GenerateStream(
@@ -161,25 +178,31 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         started = time.monotonic()
         args = self._args(request)
+        finals: dict[int, RequestOutput] = {}
         async for out in self.engine_loop.stream(args):
             if not out.finished:
                 if out.new_token_ids or out.new_text:
                     yield pb.GenerateStreamResponse(
-                        request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids, logprobs=_logprobs(out)
+                        request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids,
+                        logprobs=_logprobs(out), index=out.index,
                     )
                 continue
             error = ended_status(out)
             if error is not None:
                 raise error
             assert out.finish_reason is not None
-            yield pb.GenerateStreamResponse(
+            finals[out.index] = out
+            message = pb.GenerateStreamResponse(
                 request_id=out.request_id,
                 text=out.new_text,
                 token_ids=out.new_token_ids,
                 finish_reason=FINISH[out.finish_reason],
-                usage=_usage(out, started),
                 logprobs=_logprobs(out),
+                index=out.index,
             )
+            if len(finals) == args.params.n:  # the stream's last message
+                message.usage.CopyFrom(_usage(finals, started))
+            yield message
 
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

@@ -23,7 +23,7 @@ from loraplex_proto.v1 import loraplex_pb2 as pb
 MAX_PROMPT_CHARS = 1 << 20
 # GenerateRequest's `optional` fields that are SamplingParams fields of the same name:
 # unset, they take SamplingParams' defaults.
-OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "logprobs")
+OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "logprobs", "n")
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from loraplex.engine.request import (
     StepStats,
 )
 from loraplex.engine.sampler import SampledTokens, Sampler
+from loraplex.engine.samples import cache_key, fan_out
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.stats import EngineStats
 from loraplex.lora.adapter_store import AdapterStore
@@ -85,7 +86,7 @@ class Engine:
         self.kv_cache = KVCache(
             self.loaded.num_layers, num_blocks, cc.block_size, self.loaded.num_kv_heads, self.loaded.head_dim, dtype, device
         )
-        self.blocks = BlockManager(num_blocks, cc.block_size)
+        self.blocks = BlockManager(num_blocks, cc.block_size, prefix_caching=cc.prefix_caching)
         # A sequence can never outgrow the whole cache: past it, preemption could not make room.
         self.max_seq_len = min(self.max_model_len, num_blocks * cc.block_size)
         self._wake = threading.Event()
@@ -130,6 +131,7 @@ class Engine:
     ) -> str:
         """Queue a request; returns its id. `adapter` is a version from resolve_adapter, given
         instead of adapter_id when the caller resolved it off its own thread (the API does).
+        With params.n > 1, its samples share the id (RequestOutput.index tells them apart).
 
         Raises InvalidFieldError on bad input, AdapterNotFoundError for an unknown adapter,
         EngineOverloadedError when the queue is full, DuplicateRequestError for an id in flight.
@@ -142,7 +144,7 @@ class Engine:
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         if adapter is None and adapter_id:
             adapter = self.resolve_adapter(adapter_id)
-        request = Request(
+        leader = Request(
             request_id=request_id,
             prompt_token_ids=ids,
             params=params,
@@ -150,8 +152,10 @@ class Engine:
             adapter=adapter,
             eos_token_ids=frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
             detokenizer=Detokenizer(self.tokenizer, ids, params.stop),
+            cache_key=cache_key(adapter, self.config.cache.prefix_caching, params.n),
         )
-        self._live.admit(request, on_admit=partial(self.store.hold, adapter) if adapter is not None else None)
+        samples = fan_out(leader, partial(Detokenizer, self.tokenizer, ids, params.stop))
+        self._live.admit(*samples, on_admit=partial(self.store.hold, adapter, len(samples)) if adapter is not None else None)
         self._wake.set()
         return request_id
 
@@ -212,6 +216,7 @@ class Engine:
             waiting=max(0, len(self._live) - running),
             kv_blocks_used=self.blocks.num_used_blocks,
             kv_blocks_free=self.blocks.num_free_blocks,
+            prefix_cache=self.blocks.prefix_cache_stats(),
             adapters=adapters,
             adapter_slot_bytes=self.lora.pool_bytes // max(1, adapters.device_slots),
             last_step=self.last_step,
@@ -302,7 +307,9 @@ class Engine:
             elif len(request.output_token_ids) >= p.max_new_tokens or request.num_tokens >= self.max_seq_len:
                 status = RequestStatus.FINISHED_LENGTH
             if status is None:
-                outputs.append(RequestOutput(request.request_id, [token], text, finished=False, logprobs=logprobs))
+                outputs.append(
+                    RequestOutput(request.request_id, [token], text, finished=False, logprobs=logprobs, index=request.index)
+                )
             else:
                 outputs.append(self._finish(request, status, [token], text, logprobs))
         return outputs
@@ -337,6 +344,7 @@ class Engine:
             usage=request.usage(),
             adapter_version=request.adapter.version if request.adapter is not None else None,
             logprobs=logprobs,
+            index=request.index,
         )
 
     # -- whole runs ------------------------------------------------------------------------

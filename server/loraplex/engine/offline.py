@@ -46,6 +46,8 @@ def generate(
     adapters = list(adapter_ids) if adapter_ids is not None else [None] * n
     if len(params_list) != n or len(adapters) != n:
         raise ValueError("prompts, params and adapter_ids must have the same length")
+    if any(p.n > 1 for p in params_list):
+        raise ValueError("generate returns one result per prompt: n > 1 samples need add_request and step")
     ids = []
     for prompt, p, adapter in zip(prompts, params_list, adapters):
         if isinstance(prompt, str):

@@ -74,6 +74,14 @@ _FINISH_REASONS = {
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
+MAX_SAMPLES = 16  # n
+SEED_MODULUS = 2**63  # seeds are in [0, 2**63)
+
+
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample `index` of a request with n samples: (seed + index) mod 2**63, so
+    sample i of a request seeded s equals a request of one sample seeded s + i."""
+    return None if seed is None else (seed + index) % SEED_MODULUS
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +98,7 @@ class SamplingParams:
     ignore_eos: bool = False
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: none; N: each sampled token's logprob and the top N (logprobs.py)
+    n: int = 1  # samples of the prompt (sample_seed); they share the prompt's KV blocks
 
     def __post_init__(self) -> None:
         """The sampling ranges: the API relies on these, so each is checked here only."""
@@ -105,7 +114,7 @@ class SamplingParams:
             raise InvalidFieldError(
                 "repetition_penalty", f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
             )
-        if self.seed is not None and not 0 <= self.seed < 2**63:
+        if self.seed is not None and not 0 <= self.seed < SEED_MODULUS:
             raise InvalidFieldError("seed", f"seed must be in [0, 2**63), got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidFieldError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
@@ -115,6 +124,8 @@ class SamplingParams:
             raise InvalidFieldError("stop_token_ids", "stop_token_ids must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidFieldError("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not 1 <= self.n <= MAX_SAMPLES:
+            raise InvalidFieldError("n", f"n must be in [1, {MAX_SAMPLES}], got {self.n}")
 
     @property
     def greedy(self) -> bool:
@@ -134,6 +145,18 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
+    # Prefix caching (block_manager.py): the key of the weights its KV is computed under
+    # (prefix_cache.py; None: it neither reuses nor offers blocks), its full blocks' chained
+    # hashes, how many leading blocks of its table the cache knows, and the prompt tokens its
+    # first admission found cached (Usage.cached_prompt_tokens).
+    cache_key: str | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_cached_prompt_tokens: int = 0
+    # Sample `index` of a request with n > 1: the samples share request_id; `leader` is
+    # sample 0, whose prompt blocks the others wait for and then share (scheduler.py).
+    index: int = 0
+    leader: Request | None = None
     # The adapter version this request runs with, pinned at admission (reference held).
     adapter: Any = None
     eos_token_ids: frozenset[int] = frozenset()
@@ -168,6 +191,7 @@ class Request:
             generated_tokens=len(self.output_token_ids),
             queue_time_s=max(0.0, start - self.arrival_time),
             time_to_first_token_s=None if self.first_token_time is None else self.first_token_time - self.arrival_time,
+            cached_prompt_tokens=self.num_cached_prompt_tokens,
         )
 
 
@@ -177,6 +201,7 @@ class Usage:
     generated_tokens: int
     queue_time_s: float
     time_to_first_token_s: float | None
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's cached_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +238,7 @@ class RequestOutput:
     usage: Usage | None = None
     adapter_version: int | None = None  # final output: the adapter version the request ran on
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for them
+    index: int = 0  # which sample of the request (SamplingParams.n)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,13 @@ Who calls what (all on the engine thread, from Engine):
   finish(request, status) postprocess (stop, length), abort (cancel, deadline, unload), or
                           error; frees its KV blocks and its adapter-slot reference
 
+Prefix caching (block_manager.py, prefix_cache.py): a waiting request is admitted from the
+longest run of cached full blocks of its tokens (the hit), so its first chunk starts after
+them and the token budget counts only what it computes; the hit is looked up and taken in
+the same admission, with no allocation in between. The samples of an n > 1 request wait
+while sample 0 (their leader) computes the prompt's full blocks, then start from them: the
+prompt's blocks are held once.
+
 Bounds of one step: max_num_seqs running requests, max_num_batched_tokens tokens, the free
 KV blocks, and the device adapter slots (each running request holds a reference to its
 adapter's slot, so a step never needs more distinct adapters than there are slots). The slots
@@ -77,6 +84,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        for request in self.running:
+            self.blocks.commit(request)  # blocks the last step filled can be hit from now on
 
         # 1. Running requests first: they hold KV blocks and adapter slots already.
         i = 0
@@ -125,8 +134,14 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 kept.append(request)
                 break
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(request, n):
+            if self._waits_for_leader(request):
+                kept.append(request)
+                continue
+            # The hit is taken by allocate() below with nothing allocated in between: its
+            # parked blocks cannot be evicted between the check and the allocation.
+            hit = self.blocks.lookup(request)
+            n = min(request.num_tokens - hit.num_tokens, budget)
+            if not self.blocks.can_allocate(request, n, hit):
                 kept.append(request)  # KV is first come, first served: stop here
                 break
             if request.adapter is not None:
@@ -143,16 +158,25 @@ class Scheduler:
                     request.error = self.adapters.failure(request.adapter)
                     batch.failed.append(request)
                     continue
-            self.blocks.allocate(request, n)
+            self.blocks.allocate(request, n, hit)
             request.status = RequestStatus.RUNNING
             if request.scheduled_time is None:
                 request.scheduled_time = now
+                request.num_cached_prompt_tokens = min(hit.num_tokens, request.num_prompt_tokens)
             self.running.append(request)
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
         kept.extend(self.waiting)
         self.waiting = kept
+
+    def _waits_for_leader(self, request: Request) -> bool:
+        """A sample of an n > 1 request waits while sample 0 computes the prompt blocks they share."""
+        leader = request.leader
+        if leader is None or leader.finished:
+            return False
+        shared_blocks = (leader.num_prompt_tokens - 1) // self.blocks.block_size
+        return shared_blocks > 0 and leader.num_computed_tokens < shared_blocks * self.blocks.block_size
 
     def _starving_adapter(self, now: float) -> object | None:
         """The adapter of the oldest request that has waited past the aging bound for a slot.

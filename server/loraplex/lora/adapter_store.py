@@ -195,10 +195,11 @@ class AdapterStore:
 
     # -- requests (engine thread) ----------------------------------------------------------
 
-    def hold(self, version: AdapterVersion) -> None:
-        """A request now needs this version: count it and start loading it if needed."""
+    def hold(self, version: AdapterVersion, samples: int = 1) -> None:
+        """A request now needs this version: count it and start loading it if needed. Each of
+        its samples (SamplingParams.n) holds the version until it finishes (unhold)."""
         with self._lock:
-            version.holders += 1
+            version.holders += samples
             version.stats.requests += 1
             version.stats.last_used = time.time()
             if version.weights is not None or version.slot is not None:
