@@ -4,7 +4,9 @@ the application's args follow the `loraplex serve` option rules. No Ray cluster 
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,18 +14,23 @@ from loraplex import settings
 from loraplex.rules import InvalidFieldError
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "ray" / "serve_config.yaml"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _schema(raw: dict[str, Any]) -> Any:
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
 
 
 def test_serve_config_is_valid_and_builds() -> None:
     pytest.importorskip("ray")
     import yaml
     from ray import serve
-    from ray.serve.schema import ServeDeploySchema
 
     from loraplex.cluster.app import GRPC_SERVICERS, build_app
 
-    raw = yaml.safe_load(CONFIG.read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    schema = _schema(yaml.safe_load(CONFIG.read_text()))
     (app,) = schema.applications
     assert app.import_path == "loraplex.cluster.app:build_app"
     assert {d.name for d in app.deployments} == {"Replica", "Ingress"}  # the names app.py gives them
@@ -31,6 +38,23 @@ def test_serve_config_is_valid_and_builds() -> None:
     for path in GRPC_SERVICERS:  # importable wherever loraplex is installed (the proxy imports them)
         module, _, name = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name))
+    assert isinstance(build_app(app.args), serve.Application)
+
+
+def test_the_readme_serve_config_is_the_same_application() -> None:
+    """The README's short Serve config validates and builds, and says what the full one says."""
+    pytest.importorskip("ray")
+    import yaml
+    from ray import serve
+
+    from loraplex.cluster.app import build_app
+
+    (block,) = re.findall(r"^```yaml\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    short, full = _schema(yaml.safe_load(block)), _schema(yaml.safe_load(CONFIG.read_text()))
+    (app,), (full_app,) = short.applications, full.applications
+    assert (app.name, app.import_path) == (full_app.name, full_app.import_path)
+    assert list(short.grpc_options.grpc_servicer_functions) == list(full.grpc_options.grpc_servicer_functions)
+    assert {d.name for d in app.deployments} <= {d.name for d in full_app.deployments}
     assert isinstance(build_app(app.args), serve.Application)
 
 
