@@ -55,7 +55,7 @@ def _config(model: str, root: str, port: int) -> ServerConfig:
             scheduler=SchedulerConfig(max_num_seqs=16),
             lora=LoraConfig(max_loras=MAX_LORAS, max_lora_rank=8, adapter_roots=(root,)),
         ),
-        api=ApiConfig(port=port, metrics_port=0),
+        api=ApiConfig(port=port, metrics_port=0, http_port=0),
     )
 
 

@@ -56,7 +56,7 @@ def shared_root(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory)
 
 def _config(tiny: TinyModel, root: Path, port: int) -> ServerConfig:
     # max_loras=2 device slots per replica: adapters do move between tiers during the tests
-    return ServerConfig(engine=engine_config(tiny, roots=(str(root),), max_loras=2), api=ApiConfig(port=port, metrics_port=0))
+    return ServerConfig(engine=engine_config(tiny, roots=(str(root),), max_loras=2), api=ApiConfig(port=port, metrics_port=0, http_port=0))
 
 
 @pytest.fixture(scope="module")
