@@ -142,13 +142,15 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
         check_cluster_config(config)
         startup.check_adapter_roots(config.engine.lora.adapter_roots)
         startup.check_port_free(config.api.host, config.api.port, "gRPC", "--port")
+        if config.api.http_port > 0:
+            startup.check_port_free(config.api.host, config.api.http_port, "HTTP", "--http-port")
     except ValueError as e:
         print(f"loraplex serve-ray: {e}", file=sys.stderr)
         return 2
     except startup.StartupError as e:
         print("\n".join([f"loraplex serve-ray: {e.cause}", *([f"  {e.fix}"] if e.fix else [])]), file=sys.stderr)
         return 2
-    return run_cluster(config, options, ray_address=args.ray_address, http_port=args.ray_http_port, log_level=values["log_level"])
+    return run_cluster(config, options, ray_address=args.ray_address, log_level=values["log_level"])
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -201,13 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve-ray", help="run N engine replicas on Ray Serve behind one gRPC endpoint (the ray extra)",
         description="The serve options (flags, LORAPLEX_*, --config), plus the cluster's. Clients connect to --port "
-        "as to one server; requests go to the replica that holds their adapter.",
+        "(gRPC) and --http-port (OpenAI API) as to one server; requests go to the replica that holds their adapter.",
     )
     settings.add_arguments(p)
     for name, (kind, text) in CLUSTER_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (e.g. 'auto'); default: start one here")
-    p.add_argument("--ray-http-port", type=int, default=8000, help="port of Ray Serve's HTTP proxy (default 8000)")
     p.set_defaults(func=cmd_serve_ray)
 
     p = sub.add_parser(

@@ -85,3 +85,53 @@ def test_ingress_merges_adapter_lists() -> None:
     assert list(merged) == ["a"]
     a = merged["a"]
     assert (a.tier, a.version, a.active_requests, a.stats.requests) == (pb.ADAPTER_TIER_DEVICE, 2, 2, 12)
+
+
+def test_asgi_exchange_passes_a_request_through_an_app() -> None:
+    """The replica's side of the HTTP route: a request through a FastAPI app in process,
+    the response's start then its body chunks as sent (a stream stays a stream)."""
+    import asyncio
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+
+    from loraplex.cluster.http import asgi_exchange, model_of
+
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, object]:
+        return {"body": (await request.json()), "query": request.url.query, "who": request.headers.get("x-who")}
+
+    @app.get("/count")
+    async def count() -> StreamingResponse:
+        async def chunks():  # type: ignore[no-untyped-def]
+            for i in range(3):
+                yield f"data: {i}\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    async def run(method: str, path: str, query: bytes, body: bytes) -> list[dict[str, object]]:
+        return [m async for m in asgi_exchange(app, method, path, query, [("X-Who", "me")], body)]
+
+    start, *chunks = asyncio.run(run("POST", "/echo", b"a=1", b'{"model": "acme/a"}'))
+    assert start["status"] == 200 and ["content-type", "application/json"] in start["headers"]  # type: ignore[operator]
+    import json
+
+    assert json.loads(b"".join(c["body"] for c in chunks)) == {"body": {"model": "acme/a"}, "query": "a=1", "who": "me"}  # type: ignore[misc]
+    start, *chunks = asyncio.run(run("GET", "/count", b"", b""))
+    assert start["status"] == 200 and [c["body"] for c in chunks] == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
+    assert asyncio.run(run("GET", "/nowhere", b"", b""))[0]["status"] == 404
+    assert (model_of(b'{"model": "acme/a"}'), model_of(b"[1]"), model_of(b"not json"), model_of(b'{"model": 3}')) == ("acme/a", None, None, None)
+
+
+def test_http_errors_keep_their_status() -> None:
+    import json
+
+    from loraplex.cluster.http import error_response
+
+    died = error_response(ActorDiedError("gone"))
+    assert died.status_code == 503 and json.loads(bytes(died.body))["error"]["message"] == REPLICA_DIED
+    assert error_response(CallError("NOT_FOUND", "adapter 'x' is not registered")).status_code == 404
+    assert error_response(CallError("INVALID_ARGUMENT", "path: must be relative")).status_code == 400
+    assert error_response(BackPressureError("queue full")).status_code == 429

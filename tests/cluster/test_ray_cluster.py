@@ -1,6 +1,6 @@
 """The Ray Serve application on a local Ray cluster started here (ray.init, few CPUs):
 an ingress and two engine replicas of the tiny Llama, reached through Ray's gRPC proxy with
-the unchanged client SDK.
+the unchanged client SDK, and through Ray's HTTP proxy with the official `openai` package.
 
 The reference is direct loraplex: a gRPC server in this process on the same base and the
 same adapter root. Marked `ray`: `make test-ray` runs it (minutes on 2 cores), `make test`
@@ -8,11 +8,14 @@ does not."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ import pytest
 
 from conftest import TinyModel, engine_config, make_adapter
 from loraplex.api.server import BackgroundServer
-from loraplex.config import ApiConfig, ServerConfig
+from loraplex.config import ANY_PORT, ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex_client import AdapterNotFoundError, Client, ServerUnavailableError
 
@@ -35,11 +38,14 @@ ADAPTERS = BASE + VARIANTS  # eight, all auto-registered by id from the shared r
 PROMPTS = [[8, 9, 10], [5, 6, 7, 8], [20, 21, 22, 23, 24]]
 # Ids loaded or uploaded through the cluster only, and the same adapter's id on the direct server.
 SAME_AS = {"loaded/patterns": "all-r16-patterns", "uploaded/rs": "all-r8-rslora"}
+HTTP_GREEDY: dict[str, Any] = {"max_tokens": 8, "temperature": 0.0, "extra_body": {"ignore_eos": True}}
+MESSAGES: Any = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]
 
 
 @dataclass
 class Cluster:
-    address: str
+    address: str  # Ray's gRPC proxy
+    http: str  # Ray's HTTP proxy
     ingress: Any  # the application's DeploymentHandle (the ingress)
     root: Path
 
@@ -54,19 +60,25 @@ def shared_root(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory)
     return root
 
 
-def _config(tiny: TinyModel, root: Path, port: int) -> ServerConfig:
+def _config(tiny: TinyModel, root: Path, port: int, http_port: int = 0) -> ServerConfig:
     # max_loras=2 device slots per replica: adapters do move between tiers during the tests
-    return ServerConfig(engine=engine_config(tiny, roots=(str(root),), max_loras=2), api=ApiConfig(port=port, metrics_port=0, http_port=0))
+    api = ApiConfig(port=port, metrics_port=0, http_port=http_port)
+    return ServerConfig(engine=engine_config(tiny, roots=(str(root),), max_loras=2), api=api)
 
 
 @pytest.fixture(scope="module")
-def direct(tiny_llama: TinyModel, shared_root: Path) -> Iterator[Client]:
-    config = _config(tiny_llama, shared_root, 0)
+def direct_server(tiny_llama: TinyModel, shared_root: Path) -> Iterator[BackgroundServer]:
+    config = _config(tiny_llama, shared_root, 0, http_port=ANY_PORT)
     server = BackgroundServer(config, Engine(config.engine))
-    address = server.start()
-    with Client(address, timeout=120) as client:
-        yield client
+    server.start()
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def direct(direct_server: BackgroundServer) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{direct_server.server.port}", timeout=120) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +101,11 @@ def cluster(tiny_llama: TinyModel, shared_root: Path) -> Iterator[Cluster]:
         init_local_ray(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20,
                        logging_level=logging.WARNING, log_to_driver=True)
         try:
-            port = free_port()
-            start_serve("127.0.0.1", port, free_port())
+            port, http_port = free_port(), free_port()
+            start_serve("127.0.0.1", port, http_port)
             options = ClusterOptions(replicas=2, max_adapters_per_replica=6, replica_cpus=1, health_check_period_s=1)
             serve.run(application(_config(tiny_llama, shared_root, port), options), name=APP_NAME, route_prefix="/")
-            yield Cluster(f"127.0.0.1:{port}", serve.get_app_handle(APP_NAME), shared_root)
+            yield Cluster(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", serve.get_app_handle(APP_NAME), shared_root)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -137,6 +149,50 @@ def test_responses_equal_direct_loraplex(client: Client, direct: Client, cluster
     with pytest.raises(AdapterNotFoundError):
         client.generate(prompt_token_ids=PROMPTS[0], adapter_id="nobody/here", max_new_tokens=2)
     assert client.model_info().max_loras == 2
+
+
+def test_openai_routes_through_the_cluster(cluster: Cluster, direct_server: BackgroundServer) -> None:
+    """The OpenAI API through Ray's HTTP proxy answers as the direct server's does (greedy),
+    streamed or not; load / unload by HTTP reach the cluster's registry; errors keep their status."""
+    import openai
+
+    direct_url = f"http://127.0.0.1:{direct_server.server.http_port}"
+    with openai.OpenAI(base_url=f"http://{cluster.http}/v1", api_key="x", max_retries=0, timeout=120) as ray_oai, \
+            openai.OpenAI(base_url=f"{direct_url}/v1", api_key="x", max_retries=0, timeout=120) as direct_oai:
+        assert urllib.request.urlopen(f"http://{cluster.http}/health", timeout=30).status == 200
+        for model in ["model", "acme/v2", "qv-r4"]:  # the base (its directory's name) and two adapters
+            through_ray = ray_oai.completions.create(model=model, prompt="The sun rises", **HTTP_GREEDY)
+            expected = direct_oai.completions.create(model=model, prompt="The sun rises", **HTTP_GREEDY)
+            assert through_ray.choices[0].text == expected.choices[0].text, model
+        stream = ray_oai.chat.completions.create(model="acme/v3", messages=MESSAGES, stream=True, **HTTP_GREEDY)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        expected_chat = direct_oai.chat.completions.create(model="acme/v3", messages=MESSAGES, **HTTP_GREEDY)
+        assert streamed == expected_chat.choices[0].message.content and streamed
+
+        # vLLM's load / unload routes: the adapter serves on whichever replica the router picks.
+        loaded = _post(cluster.http, "/v1/load_lora_adapter", {"lora_name": "http/v0", "lora_path": str(cluster.root / "acme/v0")})
+        assert loaded == (200, "Success: LoRA adapter 'http/v0' added successfully.")
+        through_ray = ray_oai.completions.create(model="http/v0", prompt="The sun rises", **HTTP_GREEDY)
+        assert through_ray.choices[0].text == direct_oai.completions.create(model="acme/v0", prompt="The sun rises", **HTTP_GREEDY).choices[0].text
+        assert {"model", "http/v0", "acme/v3"} <= {m.id for m in ray_oai.models.list().data}
+        assert _post(cluster.http, "/v1/unload_lora_adapter", {"lora_name": "http/v0"})[0] == 200
+        assert _post(cluster.http, "/v1/unload_lora_adapter", {"lora_name": "http/v0"})[0] == 404
+        with pytest.raises(openai.NotFoundError):
+            ray_oai.completions.create(model="http/v0", prompt="The sun rises", max_tokens=2)
+        with pytest.raises(openai.BadRequestError):
+            ray_oai.completions.create(model="model", prompt="The sun rises", max_tokens=2, temperature=-1)
+
+
+
+def _post(address: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://{address}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def test_affinity_after_warm_up(client: Client, cluster: Cluster) -> None:

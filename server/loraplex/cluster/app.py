@@ -1,7 +1,7 @@
 """Building and running the Ray Serve application.
 
     deploy/ray/serve_config.yaml ── import_path: loraplex.cluster.app:build_app, args: {...}
-    loraplex serve-ray ...        ── run_cluster(): ray.init → serve.start (gRPC proxy) → serve.run
+    loraplex serve-ray ...        ── run_cluster(): ray.init → serve.start (gRPC + HTTP proxies) → serve.run
                      both ──> application(config, options): Ingress.bind(Replica.bind(...))
 
 `args` take the `loraplex serve` option names with TOML-typed values (the same rules as its
@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from loraplex import settings
+from loraplex.cluster.http import served_model_name
 from loraplex.cluster.ingress import Ingress
 from loraplex.cluster.replica import Replica
 from loraplex.config import ServerConfig
@@ -110,6 +111,7 @@ def application(config: ServerConfig, options: ClusterOptions, *, log_level: str
         replica.bind(config, options.max_adapters_per_replica, log_level),
         local_roots[0] if local_roots else None,
         config.engine.lora.max_upload_bytes,
+        served_model_name(config),
     )
 
 
@@ -151,9 +153,7 @@ def start_serve(host: str, grpc_port: int, http_port: int) -> None:
     )
 
 
-def run_cluster(
-    config: ServerConfig, options: ClusterOptions, *, ray_address: str | None, http_port: int, log_level: str
-) -> int:
+def run_cluster(config: ServerConfig, options: ClusterOptions, *, ray_address: str | None, log_level: str) -> int:
     """`loraplex serve-ray`: deploy, serve until SIGTERM / SIGINT, then tear the application down."""
     import ray
 
@@ -163,9 +163,14 @@ def run_cluster(
     else:
         init_local_ray(logging_level=level)
     try:
-        start_serve(config.api.host, config.api.port, http_port)
+        api = config.api
+        # Serve always runs its HTTP proxy: with --http-port 0 it listens on a port nobody is told of.
+        http_port = api.http_port if api.http_port > 0 else free_port(api.host)
+        start_serve(api.host, api.port, http_port)
         serve.run(application(config, options, log_level=log_level), name=APP_NAME, route_prefix="/")
-        log.info("ready: loraplex.v1 on %s:%d through Ray Serve's gRPC proxy", config.api.host, config.api.port)
+        log.info("ready: loraplex.v1 on %s:%d through Ray Serve's gRPC proxy", api.host, api.port)
+        if api.http_port != 0:
+            log.info("ready: the OpenAI-compatible HTTP API on %s:%d through Ray Serve's HTTP proxy", api.host, http_port)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
             signal.signal(sig, lambda *_: stop.set())

@@ -1,6 +1,7 @@
 """The cluster's front door: Ray Serve's gRPC proxy calls these methods by RPC name
 (loraplex.v1.LoraPlex and grpc.health.v1.Health), so the unchanged SDK, grpcurl and
-`loraplex healthcheck` work against the cluster as against one server.
+`loraplex healthcheck` work against the cluster as against one server; Ray Serve's HTTP
+proxy calls `__call__`, the OpenAI-compatible API (http.py).
 
     Generate, GenerateStream, GetAdapter ──> one replica, routed by the request's adapter id
                                              (multiplexed_model_id): the one holding it if any
@@ -28,8 +29,11 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
 
 from loraplex.cluster.calls import CallError, status_of_failure
+from loraplex.cluster.http import HttpDoor
 from loraplex.cluster.registry import AdapterRegistry, RegistryEntry
 from loraplex_proto.health import READY_SERVICE
 from loraplex_proto.v1 import loraplex_pb2 as pb
@@ -44,13 +48,16 @@ TIERS = (pb.ADAPTER_TIER_REGISTERED, pb.ADAPTER_TIER_HOST, pb.ADAPTER_TIER_DEVIC
 class Ingress:
     """The ingress deployment class (app.py wraps it with serve.deployment)."""
 
-    def __init__(self, replicas: DeploymentHandle, adapter_root: str | None, max_upload_bytes: int) -> None:
+    def __init__(
+        self, replicas: DeploymentHandle, adapter_root: str | None, max_upload_bytes: int, base_name: str
+    ) -> None:
         self.replicas = replicas
         self.registry = AdapterRegistry(adapter_root) if adapter_root else None
         self.max_upload_bytes = max_upload_bytes
         self.route_by_adapter = True  # False: Ray's default routing (cluster_bench compares the two)
+        self.http = HttpDoor(self, base_name)
 
-    def _to(self, adapter_id: str, stream: bool = False) -> DeploymentHandle:
+    def to_replica(self, adapter_id: str, stream: bool = False) -> DeploymentHandle:
         return self.replicas.options(multiplexed_model_id=adapter_id if self.route_by_adapter else "", stream=stream)
 
     def set_route_by_adapter(self, on: bool) -> None:
@@ -79,14 +86,14 @@ class Ingress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext | None = None) -> pb.GenerateResponse:
         return await self._answer(
-            grpc_context, pb.GenerateResponse(), lambda: self._to(request.adapter_id).Generate.remote(request)
+            grpc_context, pb.GenerateResponse(), lambda: self.to_replica(request.adapter_id).Generate.remote(request)
         )
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext | None = None
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            chunks: Any = self._to(request.adapter_id, stream=True).GenerateStream.remote(request)
+            chunks: Any = self.to_replica(request.adapter_id, stream=True).GenerateStream.remote(request)
             async for chunk in chunks:
                 yield chunk
         except Exception as e:
@@ -112,7 +119,7 @@ class Ingress:
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, grpc_context: RayServegRPCContext | None = None) -> pb.AdapterInfo:
         async def call() -> pb.AdapterInfo:
             self._registry()
-            info = await self._to(request.adapter_id).LoadAdapter.remote(request)
+            info = await self.to_replica(request.adapter_id).LoadAdapter.remote(request)
             return await self._record(info, request.path, request.pin)
 
         return await self._answer(grpc_context, pb.AdapterInfo(), call)
@@ -132,7 +139,7 @@ class Ingress:
             adapter_id = header.adapter_id if header is not None else ""
             # The replica checks the messages as one server would, and stores the files under
             # the shared root (content-addressed), where every replica reads them.
-            info = await self._to(adapter_id).UploadAdapter.remote(messages)
+            info = await self.to_replica(adapter_id).UploadAdapter.remote(messages)
             return await self._record(info, info.path, header.pin if header is not None else False)
 
         return await self._answer(grpc_context, pb.AdapterInfo(), call)
@@ -170,7 +177,7 @@ class Ingress:
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, grpc_context: RayServegRPCContext | None = None) -> pb.AdapterInfo:
         return await self._answer(
-            grpc_context, pb.AdapterInfo(), lambda: self._to(request.adapter_id).GetAdapter.remote(request)
+            grpc_context, pb.AdapterInfo(), lambda: self.to_replica(request.adapter_id).GetAdapter.remote(request)
         )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context: RayServegRPCContext | None = None) -> pb.ModelInfo:
@@ -189,12 +196,21 @@ class Ingress:
                 grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
                 grpc_context.set_details(f"unknown service {request.service!r}")
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-        try:
-            ready = await asyncio.wait_for(self.replicas.ready.remote(), READY_TIMEOUT_S)
-        except Exception:
-            ready = False
+        ready = await self.any_ready()
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def any_ready(self) -> bool:
+        """A replica answers that it is ready (Serve routes to live replicas only)."""
+        try:
+            return bool(await asyncio.wait_for(self.replicas.ready.remote(), READY_TIMEOUT_S))
+        except Exception:
+            return False
+
+    # -- the OpenAI-compatible HTTP API (Ray Serve's HTTP proxy) -------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.http.answer(request)
 
     async def stats(self) -> list[dict[str, Any]]:
         """Every live replica's routing and store numbers (tests, the cluster benchmark)."""

@@ -35,7 +35,8 @@ class RegistryEntry:
 
 class AdapterRegistry:
     def __init__(self, adapter_root: str | Path) -> None:
-        self.dir = Path(adapter_root) / REGISTRY_DIR
+        self.root = Path(adapter_root)
+        self.dir = self.root / REGISTRY_DIR
 
     def _file(self, adapter_id: str) -> Path:
         check_adapter_id(adapter_id)  # no '..' parts: the file stays under the registry

@@ -21,6 +21,7 @@ so Serve replaces the replica (api/server.py's readiness rule).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 
 from loraplex.cluster.calls import CallError, ReplicaContext
+from loraplex.cluster.http import asgi_exchange, served_model_name
 from loraplex.cluster.registry import AdapterRegistry
 from loraplex.config import ServerConfig
 from loraplex_proto.v1 import loraplex_pb2 as pb
@@ -67,6 +69,8 @@ class Replica:
         self, config: ServerConfig, max_adapters_per_replica: int, log_level: str = "info"
     ) -> None:
         from loraplex.api.engine_loop import EngineLoop
+        from loraplex.api.http_app import build_app
+        from loraplex.api.openai_front import OpenAIFront
         from loraplex.api.service import LoraPlexService
         from loraplex.engine.engine import Engine
         from loraplex.logs import configure
@@ -78,6 +82,9 @@ class Replica:
         self.engine_loop: EngineLoop = EngineLoop(self.engine, asyncio.get_running_loop())
         self.engine_loop.start()
         self.service: LoraPlexService = LoraPlexService(self.engine_loop, config)
+        # The OpenAI API's own app over this engine loop; the cluster checks no tokens (app.py).
+        self.http_front = OpenAIFront(self.engine_loop, served_model_name(config), ())
+        self.http_app = build_app(self.http_front)
         roots = self.engine.adapter_roots
         self.registry = AdapterRegistry(roots[0]) if roots else None
         self.requests = 0  # generation requests that named an adapter
@@ -92,6 +99,7 @@ class Replica:
         self._hold = serve.multiplexed(max_num_models_per_replica=self.max_adapters)(hold)
         warm = await self.engine_loop.warm_up()
         self.service.ready = True
+        self.http_front.ready = True
         log.info("replica %s ready (warm-up %.2fs, up to %d adapters held)", self.name, warm, self.max_adapters)
 
     # -- adapters in Serve's view ------------------------------------------------------------
@@ -188,6 +196,17 @@ class Replica:
         info = await self.service.UploadAdapter(replay(), ReplicaContext())
         await self._held(info.adapter_id)
         return info
+
+    async def http(
+        self, method: str, path: str, query: bytes, headers: list[tuple[str, str]], body: bytes, adapter_id: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        """An OpenAI API request the ingress routed here by its model (http.py): this replica's
+        own HTTP app answers it; the response start, then body chunks as they are sent."""
+        if adapter_id:
+            with contextlib.suppress(CallError):  # an unknown model: the app answers 404 in OpenAI's shape
+                await self._held(adapter_id, counted=True)
+        async for message in asgi_exchange(self.http_app, method, path, query, headers, body):
+            yield message
 
     # -- broadcasts (every replica) -------------------------------------------------------------
 
