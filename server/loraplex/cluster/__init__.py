@@ -1,8 +1,8 @@
 """loraplex as a Ray Serve application: many engine replicas behind one gRPC endpoint and
 one OpenAI-compatible HTTP endpoint.
 
-    SDK / grpcurl ──gRPC──> Ray's gRPC proxy ──> Ingress (ingress.py; the loraplex.v1 methods)
-    openai ────────HTTP──> Ray's HTTP proxy ──>    └─ __call__ (http.py; routed by the body's model)
+    SDK / grpcurl ──gRPC──> Ray's gRPC proxy ──> Ingress (ingress.py): the loraplex.v1 methods,
+    openai ────────HTTP──> Ray's HTTP proxy ──>  and __call__ (http.py: by the body's model)
                                                    │  handle.options(multiplexed_model_id=<adapter id>)
                                                    ▼
                                  Replica × N (replica.py): one Engine + its engine loop each,
