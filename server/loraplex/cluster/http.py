@@ -91,8 +91,8 @@ async def asgi_exchange(
                     yield {"body": bytes(message["body"])}
                 if not message.get("more_body", False):
                     break
-        if task.done() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
     finally:
         gone.set()
         if not task.done():
