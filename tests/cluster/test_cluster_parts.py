@@ -7,6 +7,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fastapi import FastAPI, Request  # at module level: FastAPI resolves the routes' annotations here
+from fastapi.responses import StreamingResponse
 
 from loraplex.cluster.calls import REPLICA_DIED, CallError, ReplicaContext, status_of_failure
 from loraplex.cluster.registry import AdapterRegistry, RegistryEntry
@@ -91,9 +93,6 @@ def test_asgi_exchange_passes_a_request_through_an_app() -> None:
     """The replica's side of the HTTP route: a request through a FastAPI app in process,
     the response's start then its body chunks as sent (a stream stays a stream)."""
     import asyncio
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
 
     from loraplex.cluster.http import asgi_exchange, model_of
 
