@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -35,11 +35,9 @@ from pydantic import ValidationError
 from loraplex.api.openai_front import HTTP_STATUS, json_error
 from loraplex.api.openai_protocol import HttpError, LoadLoraBody, UnloadLoraBody
 from loraplex.cluster.calls import CallError, status_of_failure
+from loraplex.cluster.registry import AdapterRegistry
 from loraplex.config import ServerConfig
 from loraplex_proto.v1 import loraplex_pb2 as pb
-
-if TYPE_CHECKING:
-    from loraplex.cluster.ingress import Ingress
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +116,23 @@ def error_response(e: BaseException) -> JSONResponse:
     return json_error(HttpError(status, details, retry_after_s=1.0 if status in (429, 503) else None))
 
 
+class ClusterCalls(Protocol):
+    """What the HTTP side calls on the ingress (ingress.py; a Protocol, as the ingress imports this module)."""
+
+    registry: AdapterRegistry | None
+
+    def to_replica(self, adapter_id: str, stream: bool = False) -> Any: ...
+    async def any_ready(self) -> bool: ...
+    async def ListAdapters(self, request: pb.ListAdaptersRequest) -> pb.ListAdaptersResponse: ...
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.ModelInfo: ...
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest) -> pb.AdapterInfo: ...
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest) -> pb.UnloadAdapterResponse: ...
+
+
 class HttpDoor:
     """The ingress's HTTP side (Ingress.__call__ hands every request here)."""
 
-    def __init__(self, ingress: Ingress, base_name: str) -> None:
+    def __init__(self, ingress: ClusterCalls, base_name: str) -> None:
         self.ingress = ingress
         self.base_name = base_name
         self.created = int(time.time())
