@@ -126,7 +126,11 @@ def test_serve_without_the_server_extra() -> None:
 def test_ctrl_c_while_starting_is_one_line(tiny_llama: TinyModel) -> None:
     cmd = [*SERVE, "--model", str(tiny_llama.path), "--port", "0", "--metrics-port", "0", "--http-port", "0",
            "--adapter-root", str(tiny_llama.adapter_root)]
-    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=cli_env())
+    # SIGINT as a terminal gives it: a background job's children start with SIGINT ignored
+    # (bash does that when job control is off), and Python then never raises KeyboardInterrupt.
+    process = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env=cli_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     assert process.stderr is not None
     lines = []
     for line in process.stderr:  # the checks have passed: now torch is imported and the model loads
