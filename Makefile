@@ -5,14 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint typecheck imports pytest fuzz soak soak-ci mutants protos bench bench-quick bench-engine profile-server clean
+.PHONY: install demo test test-ray lint typecheck imports pytest fuzz soak soak-ci mutants protos bench bench-quick bench-engine profile-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	@# torch first and pinned: the CPU build on this machine's disk, not a multi-GB CUDA build
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[server,dev,bench]'
+	$(PIP) install -c constraints.txt -e '.[server,dev,bench,ray]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -52,6 +52,10 @@ soak: $(STAMP)
 # `make mutants MODULES="sampler detokenizer"` runs some of them (scripts/mutants.py).
 mutants: $(STAMP)
 	$(BIN)/python scripts/mutants.py $(MODULES)
+
+# The Ray Serve application on a local Ray cluster (tests marked `ray`; minutes on 2 cores).
+test-ray: $(STAMP)
+	$(BIN)/pytest -q -m ray tests/cluster
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

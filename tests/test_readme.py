@@ -66,7 +66,12 @@ def test_python_blocks_run_against_the_demo(index: int, demo_server: ServedDemo,
 def test_loraplex_command_lines_parse_with_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "loraplex.toml").write_text(blocks("toml")[0])  # the file the README's commands name
-    checked = 0
+    checked = serve_ray_lines = 0
+    try:
+        from loraplex.cluster.app import ClusterOptions  # the ray extra (make install puts it in .venv)
+    except ImportError:
+        ClusterOptions = None  # type: ignore[assignment,misc]
+
     for block in blocks("sh"):
         for line in commands(block):
             words = shlex.split(line)
@@ -77,10 +82,14 @@ def test_loraplex_command_lines_parse_with_the_cli(tmp_path: Path, monkeypatch: 
             if not words or words[0] != "loraplex":
                 continue  # make, pip, docker, python -m benchmarks...
             args = cli.build_parser().parse_args(words[1:])
-            if args.command == "serve":
+            if args.command in ("serve", "serve-ray"):
                 settings.build_config(settings.resolve(args, env))
+            if args.command == "serve-ray":
+                serve_ray_lines += 1
+                if ClusterOptions is not None:
+                    ClusterOptions(**{k: getattr(args, k) for k in cli.CLUSTER_FLAGS if getattr(args, k) is not None})
             checked += 1
-    assert checked >= 3
+    assert checked >= 3 and serve_ray_lines == 2
     # The one with a comment that says what it does, does it.
     args = cli.build_parser().parse_args(["serve", "--config", "loraplex.toml", "--port", "6000"])
     values = settings.resolve(args, {"LORAPLEX_MAX_LORAS": "32"})

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ServedDemo, TinyModel, cli_env
+from loraplex import startup
 from loraplex_client import Client
 
 SERVE = [sys.executable, "-m", "loraplex.cli", "serve"]
@@ -96,6 +97,7 @@ def test_adapter_roots_that_cannot_be_read(tmp_path: Path, tiny_llama: TinyModel
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o000)
         assert_refused(serve("--model", model, "--adapter-root", str(locked)), "cannot be read", "chmod")
+    startup.check_adapter_roots([str(tmp_path), "s3://bucket/adapters"])  # an s3:// root is read when used
 
 
 def test_configuration_errors_stay_one_line(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""`loraplex` command line: serve, healthcheck, demo, make-demo.
+"""`loraplex` command line: serve, serve-ray, healthcheck, demo, make-demo.
 
-Only `serve` (and the demo commands) import torch; `healthcheck` and `--help` do not.
+Only `serve`, `serve-ray` (and the demo commands) import torch; `healthcheck` and `--help` do not.
 """
 
 from __future__ import annotations
@@ -94,17 +94,7 @@ def _serve(values: dict[str, Any], sources: dict[str, str]) -> int:
         startup.check_port_free(api.host, api.http_port, "HTTP", "--http-port")
     if values["model"] == "demo":
         with _server_imports():
-            from loraplex.model.demo import demo_dir, make_demo
-
-        root = make_demo(demo_dir())
-        values["model"] = str(root / "model")
-        sources["model"] += ", the demo model"
-        if not values["adapter_root"]:
-            values["adapter_root"] = (str(root / "adapters"),)
-            sources["adapter_root"] = "the demo adapters"
-        if not values["served_model_name"]:
-            values["served_model_name"] = "demo"
-            sources["served_model_name"] = "the demo model"
+            values = settings.with_demo_model(values, sources)
         config = settings.build_config(values, sources)
     startup.check_model_dir(config.engine.model.model)
     startup.check_adapter_roots(config.engine.lora.adapter_roots)
@@ -150,6 +140,46 @@ def _report(values: dict[str, Any], lines: list[str], error: BaseException) -> N
     if debug:
         traceback.print_exception(error)
     print("\n".join([f"loraplex serve: {lines[0]}", *(f"  {line}" for line in lines[1:])]), file=sys.stderr)
+
+
+CLUSTER_FLAGS = {  # serve-ray's own options: ClusterOptions fields (cluster/app.py)
+    "replicas": (int, "engine replicas (with --max-replicas: the autoscaling minimum; default 1)"),
+    "max_replicas": (int, "autoscale up to this many replicas by queue length (default: no autoscaling)"),
+    "max_adapters_per_replica": (int, "adapter ids Ray's router keeps per replica (default: what the host tier holds)"),
+    "replica_cpus": (float, "CPUs Ray reserves per replica (default 1)"),
+    "replica_gpus": (float, "GPUs Ray reserves per replica (default 0; 1 on a GPU cluster)"),
+}
+
+
+def cmd_serve_ray(args: argparse.Namespace) -> int:
+    """`loraplex serve` as a Ray Serve application: N engine replicas behind Ray's gRPC proxy
+    on --port. Exit codes as `serve` (2: a configuration or start-up problem)."""
+    from loraplex import startup
+
+    try:
+        values, sources = settings.resolve_with_sources(args)
+        _setup_logging(values["log_level"], values["log_format"])
+        startup.check_server_extra()
+        try:
+            from loraplex.cluster.app import ClusterOptions, check_cluster_config, run_cluster
+        except ImportError as e:
+            raise startup.StartupError(f"Ray Serve is not installed ({e})", "install the ray extra: pip install 'loraplex[ray]'") from e
+        with _server_imports():
+            values = settings.with_demo_model(values, sources)
+        config = settings.build_config(values, sources)
+        options = ClusterOptions(**{k: getattr(args, k) for k in CLUSTER_FLAGS if getattr(args, k) is not None})
+        check_cluster_config(config)
+        startup.check_adapter_roots(config.engine.lora.adapter_roots)
+        startup.check_port_free(config.api.host, config.api.port, "gRPC", "--port")
+        if config.api.http_port > 0:
+            startup.check_port_free(config.api.host, config.api.http_port, "HTTP", "--http-port")
+    except ValueError as e:
+        print(f"loraplex serve-ray: {e}", file=sys.stderr)
+        return 2
+    except startup.StartupError as e:
+        print("\n".join([f"loraplex serve-ray: {e.cause}", *([f"  {e.fix}"] if e.fix else [])]), file=sys.stderr)
+        return 2
+    return run_cluster(config, options, ray_address=args.ray_address, log_level=values["log_level"])
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -198,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gRPC server", description="Every option also reads LORAPLEX_<NAME> and --config.")
     settings.add_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "serve-ray", help="run N engine replicas on Ray Serve behind one gRPC endpoint (the ray extra)",
+        description="The serve options (flags, LORAPLEX_*, --config), plus the cluster's. Clients connect to --port "
+        "(gRPC) and --http-port (OpenAI API) as to one server; requests go to the replica that holds their adapter.",
+    )
+    settings.add_arguments(p)
+    for name, (kind, text) in CLUSTER_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (e.g. 'auto'); default: start one here")
+    p.set_defaults(func=cmd_serve_ray)
 
     p = sub.add_parser(
         "healthcheck", help="exit 0 if the server is ready (grpc.health.v1), 1 otherwise",

@@ -241,6 +241,44 @@ def resolve_with_sources(
     return values, sources
 
 
+def resolve_mapping(
+    mapping: Mapping[str, Any], source: str, environ: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """As resolve_with_sources, with `mapping` (option names, values typed as in the TOML
+    file; a `config` entry names one) in place of the flags: Ray Serve's application args."""
+    rest = dict(mapping)
+    config_file = rest.pop("config", None)
+    values, sources = resolve_with_sources(argparse.Namespace(config=config_file), environ)
+    for key, value in rest.items():
+        name = key.replace("-", "_")
+        if name not in BY_NAME:
+            raise ValueError(f"{source}: unknown option {key}")
+        values[name] = _convert(BY_NAME[name], value, f"{source}: {key}", text=False)
+        sources[name] = source
+    return values, sources
+
+
+def with_demo_model(values: Mapping[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """`model = "demo"`: the demo model's directory (built on first use), its adapters as
+    the adapter root and "demo" as the served model name unless they are set. Other models
+    are left as they are."""
+    out = dict(values)
+    if out["model"] != "demo":
+        return out
+    from loraplex.model.demo import demo_dir, make_demo
+
+    root = make_demo(demo_dir())
+    out["model"] = str(root / "model")
+    sources["model"] = sources.get("model", "default") + ", the demo model"
+    if not out["adapter_root"]:
+        out["adapter_root"] = (str(root / "adapters"),)
+        sources["adapter_root"] = "the demo adapters"
+    if not out["served_model_name"]:
+        out["served_model_name"] = "demo"
+        sources["served_model_name"] = "the demo model"
+    return out
+
+
 def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     """LORAPLEX_* variables that name no option (typos would otherwise pass unnoticed)."""
     environ = os.environ if environ is None else environ

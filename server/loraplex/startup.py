@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from loraplex.rules import is_s3_uri
+
 # Top-level modules of the `server` extra (pyproject.toml) that `loraplex serve` imports.
 SERVER_MODULES = (
     "torch", "transformers", "peft", "bitsandbytes", "safetensors", "tokenizers",
@@ -97,7 +99,10 @@ def check_model_dir(path: str) -> None:
 
 
 def check_adapter_roots(roots: Sequence[str]) -> None:
+    """Every local root; an s3:// root is checked when an adapter is read from it."""
     for root in roots:
+        if is_s3_uri(root):
+            continue
         where = Path(root)
         fix = "point --adapter-root at an existing directory that holds PEFT adapters (or create it)"
         if not where.exists():

@@ -38,7 +38,7 @@ from loraplex.api.errors import ApiError
 from loraplex.api.validation import GenerateArgs
 from loraplex.engine.engine import Engine
 from loraplex.engine.prompts import ChatMessage
-from loraplex.engine.request import ErrorKind, RequestOutput
+from loraplex.engine.request import ErrorKind, RequestOutput, SamplingParams
 from loraplex.lora.adapter_version import AdapterVersion
 from loraplex.rules import InvalidFieldError, new_request_id
 
@@ -172,6 +172,30 @@ class EngineLoop:
             if added and not finished:
                 log.debug("request %s left before finishing: aborting it", rid, extra={"request_id": rid})
                 self.engine.abort(rid, ErrorKind.CANCELLED, "cancelled by the client")
+
+    def stream_ids(self) -> list[str]:
+        """The request ids being served now (each has a handler reading its outputs)."""
+        return list(self._streams)
+
+    async def warm_up(self) -> float:
+        """Run one short base-model request through the whole path; returns its seconds."""
+        start = time.perf_counter()
+        args = GenerateArgs(None, [0, 1, 2], None, SamplingParams(max_new_tokens=2, ignore_eos=True), None)
+        async for _ in self.stream(args):
+            pass
+        return time.perf_counter() - start
+
+    def stalled(self, heartbeat_timeout_s: float) -> str | None:
+        """Why the loop is not making progress (readiness), or None."""
+        if not self.alive:
+            return f"engine loop stopped: {self.failed!r}"
+        now = time.monotonic()
+        busy = self.busy_since
+        if busy is not None and now - busy > heartbeat_timeout_s:
+            return f"an engine step has run for {now - busy:.1f}s"
+        if now - self.heartbeat > heartbeat_timeout_s:
+            return f"the engine loop has not come round for {now - self.heartbeat:.1f}s"
+        return None
 
     def abort_all(self, kind: ErrorKind, message: str) -> None:
         for rid in list(self._streams):

@@ -36,10 +36,9 @@ from loraplex.api.http_server import HttpServer
 from loraplex.api.metrics import Metrics
 from loraplex.api.openai_front import OpenAIFront
 from loraplex.api.service import SHUTDOWN_REASON, LoraPlexService
-from loraplex.api.validation import GenerateArgs
 from loraplex.config import ANY_PORT, ServerConfig
 from loraplex.engine.engine import Engine
-from loraplex.engine.request import ErrorKind, SamplingParams
+from loraplex.engine.request import ErrorKind
 from loraplex.lora.adapter_spec import AdapterError
 from loraplex.lora.adapter_version import AdapterNotFoundError
 from loraplex.rules import InvalidFieldError
@@ -155,32 +154,20 @@ class Server:
     async def warm_up(self) -> None:
         """Run one short request through the whole path, then report ready."""
         assert self.engine_loop is not None and self.service is not None
-        start = time.perf_counter()
-        args = GenerateArgs(None, [0, 1, 2], None, SamplingParams(max_new_tokens=2, ignore_eos=True), None)
-        async for _ in self.engine_loop.stream(args):
-            pass
+        seconds = await self.engine_loop.warm_up()
         self.ready = True
         self.service.ready = True
         if self.http_front is not None:
             self.http_front.ready = True
         await self.health.set(SERVICE_NAME, SERVING)
-        log.info("ready (warm-up %.2fs)", time.perf_counter() - start)
+        log.info("ready (warm-up %.2fs)", seconds)
         if self.on_ready is not None:
             self.on_ready()
 
     def _stalled(self) -> str | None:
-        engine_loop = self.engine_loop
-        if engine_loop is None:
+        if self.engine_loop is None:
             return "no engine loop"
-        if not engine_loop.alive:
-            return f"engine loop stopped: {engine_loop.failed!r}"
-        now, limit = time.monotonic(), self.config.api.heartbeat_timeout_s
-        busy = engine_loop.busy_since
-        if busy is not None and now - busy > limit:
-            return f"an engine step has run for {now - busy:.1f}s"
-        if now - engine_loop.heartbeat > limit:
-            return f"the engine loop has not come round for {now - engine_loop.heartbeat:.1f}s"
-        return None
+        return self.engine_loop.stalled(self.config.api.heartbeat_timeout_s)
 
     async def _watch(self) -> None:
         healthy = True
