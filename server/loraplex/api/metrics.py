@@ -7,8 +7,11 @@
                                                     store's own counters in it (they include
                                                     what happened before the server started)
 
+    auth seam ───── Auth.on_denied(tenant, outcome) ─> denied calls
+
 Every name starts with `loraplex_`; counters end in `_total`, durations are `_seconds`.
-Labels stay bounded: finish_reason (4 values), tier (3), and — only with
+Labels stay bounded: finish_reason (4 values), tier (3), tenant (the names configured in
+the tenants file, everyone else as "(anonymous)"), outcome (4), and — only with
 `--metrics-top-adapters N` — adapter, held to the N busiest ids plus "(other)".
 
 Each Metrics owns its CollectorRegistry, so one process can run several servers (tests).
@@ -37,7 +40,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loraplex import __version__
-from loraplex.engine.request import FinishReason
+from loraplex.api.auth import Outcome
+from loraplex.engine.request import ANONYMOUS_TENANT, FinishReason
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 
 FINISH_REASONS = tuple(r.value for r in FinishReason)  # stop, length, aborted, error
 STORE_EVENTS = ("hits", "misses", "loads", "evictions")
+DENIALS = tuple(o.value for o in Outcome if o not in (Outcome.OK, Outcome.FAILED))  # the auth seam's refusals
 LOAD_TIERS = ("host", "device")  # host: read + validate from disk; device: copy into a slot
 BASE_LABEL = "(base)"  # parentheses never occur in an adapter id, so these cannot clash
 OTHER_LABEL = "(other)"
@@ -65,21 +70,43 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
+def _anonymous(name: str) -> str:
+    return ANONYMOUS_TENANT
+
+
 class Metrics:
-    def __init__(self, engine: Engine, *, top_adapters: int = 0) -> None:
+    def __init__(
+        self, engine: Engine, *, top_adapters: int = 0, tenant_label: Callable[[str], str] = _anonymous
+    ) -> None:
+        """tenant_label: a request's tenant name -> its label (auth.Auth.label: configured names only)."""
         if top_adapters < 0:
             raise ValueError(f"top_adapters must be >= 0, got {top_adapters}")
         self.engine = engine
+        self.tenant_label = tenant_label
         disable_created_metrics()  # no `_created` twin of every counter and histogram (process-wide)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loraplex_requests_total", "Finished requests by final status", ["finish_reason"], registry=r
+            "loraplex_requests_total", "Finished requests by final status and tenant", ["finish_reason", "tenant"],
+            registry=r,
         )
         for reason in FINISH_REASONS:
-            self.requests.labels(reason)
-        self.prompt_tokens = Counter("loraplex_prompt_tokens_total", "Prompt tokens of finished requests", registry=r)
-        self.generated_tokens = Counter("loraplex_generated_tokens_total", "Tokens generated and streamed", registry=r)
+            self.requests.labels(reason, ANONYMOUS_TENANT)
+        self.prompt_tokens = Counter(
+            "loraplex_prompt_tokens_total", "Prompt tokens of finished requests", ["tenant"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "loraplex_generated_tokens_total", "Tokens generated and streamed", ["tenant"], registry=r
+        )
+        self.denied = Counter(
+            "loraplex_denied_calls_total", "Calls refused by the auth seam: no token, hidden id, no right, tenant limit",
+            ["tenant", "outcome"], registry=r,
+        )
+        # Series exist from the start (rate() needs them); a tenant's appear with its first call.
+        self.prompt_tokens.labels(ANONYMOUS_TENANT)
+        self.generated_tokens.labels(ANONYMOUS_TENANT)
+        for outcome in DENIALS:
+            self.denied.labels(ANONYMOUS_TENANT, outcome)
         self.ttft = Histogram(
             "loraplex_time_to_first_token_seconds", "Arrival to first generated token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -185,8 +212,9 @@ class Metrics:
         usage = request.usage()
         reason = request.status.finish_reason
         assert reason is not None
-        self.requests.labels(reason.value).inc()
-        self.prompt_tokens.inc(usage.prompt_tokens)
+        tenant = self.tenant_label(request.tenant)
+        self.requests.labels(reason.value, tenant).inc()
+        self.prompt_tokens.labels(tenant).inc(usage.prompt_tokens)
         self.e2e.observe(now - request.arrival_time)
         self.queue.observe(usage.queue_time_s)
         if usage.time_to_first_token_s is not None:
@@ -196,18 +224,18 @@ class Metrics:
 
     def on_step(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
-        generated = 0
+        generated: dict[str, int] = {}
         for out in outputs:
             if out.new_token_ids:
-                generated += len(out.new_token_ids)
+                generated[out.tenant] = generated.get(out.tenant, 0) + len(out.new_token_ids)
                 last = self._last_token.get(out.request_id)
                 if last is not None:
                     self.itl.observe(now - last)
                 self._last_token[out.request_id] = now
             if out.finished:
                 self._last_token.pop(out.request_id, None)
-        if generated:
-            self.generated_tokens.inc(generated)
+        for tenant, n in generated.items():
+            self.generated_tokens.labels(self.tenant_label(tenant)).inc(n)
         step = self.engine.last_step
         if step is not None and step.num_requests:
             self.batch_size.observe(step.num_requests)
@@ -216,6 +244,10 @@ class Metrics:
             self.step_duration.observe(step.duration_s)
         if step is not None and step.num_preempted:
             self.preemptions.inc(step.num_preempted)
+
+    def on_denied(self, tenant_label: str, outcome: str) -> None:
+        """A call refused by the auth seam (event loop); the label is already bounded."""
+        self.denied.labels(tenant_label, str(outcome)).inc()
 
     # -- StoreListener (loader and engine threads) ----------------------------------------
 

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.api.auth import ANONYMOUS, Caller
 from loraplex.api.engine_loop import EngineLoop
 from loraplex.api.errors import ended_status
 from loraplex.api.validation import GenerateArgs
@@ -40,14 +41,14 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 class Choices:
     """n engine-loop streams as one: (choice index, output), in the order outputs arrive."""
 
-    def __init__(self, engine_loop: EngineLoop, requests: Sequence[GenerateArgs]) -> None:
+    def __init__(self, engine_loop: EngineLoop, requests: Sequence[GenerateArgs], caller: Caller = ANONYMOUS) -> None:
         self._queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
         self._open = len(requests)
-        self._tasks = [asyncio.create_task(self._pump(i, engine_loop, args)) for i, args in enumerate(requests)]
+        self._tasks = [asyncio.create_task(self._pump(i, engine_loop, args, caller)) for i, args in enumerate(requests)]
 
-    async def _pump(self, index: int, engine_loop: EngineLoop, args: GenerateArgs) -> None:
+    async def _pump(self, index: int, engine_loop: EngineLoop, args: GenerateArgs, caller: Caller) -> None:
         try:
-            async for out in engine_loop.stream(args):
+            async for out in engine_loop.stream(args, caller):
                 self._queue.put_nowait((index, out, None))
         except Exception as e:
             self._queue.put_nowait((index, None, e))

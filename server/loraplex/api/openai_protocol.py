@@ -13,6 +13,7 @@ official SDK turns into its typed exceptions (404 -> NotFoundError, 400 -> BadRe
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,7 +61,7 @@ class HttpError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}  # whole seconds, never early
 
     def sse(self) -> str:
         """As the last event of a stream that already started (the SDK raises it as APIError)."""

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from loraplex.api.auth import Caller
 from loraplex.api.openai_front import OpenAIFront
 from loraplex.api.openai_generate import (
     Choices,
@@ -130,9 +131,9 @@ def _choice_ids(rid: str, count: int) -> list[str]:
     return [rid] if count == 1 else [f"{rid}-{i}" for i in range(count)]
 
 
-async def _completions(front: OpenAIFront, request: Request, body: CompletionBody, caller: Any) -> Response:
+async def _completions(front: OpenAIFront, request: Request, body: CompletionBody, caller: Caller) -> Response:
     _check_neutral(body)
-    adapter_id = front.adapter_for(body.model, caller)
+    adapter_id = front.adapter_for(body.model)
     prompts = _prompts(body.prompt)
     if len(prompts) * body.n > MAX_CHOICES:
         raise bad_field("n", f"{len(prompts)} prompts x n={body.n} choices; at most {MAX_CHOICES} in one request")
@@ -144,12 +145,12 @@ async def _completions(front: OpenAIFront, request: Request, body: CompletionBod
         for j in range(body.n)
     ]
     shape = _Shape(front, body, f"cmpl-{rid}", "text_completion", chat=False)
-    return await _respond(front, request, body, requests, shape)
+    return await _respond(front, request, body, requests, shape, caller)
 
 
-async def _chat(front: OpenAIFront, request: Request, body: ChatCompletionBody, caller: Any) -> Response:
+async def _chat(front: OpenAIFront, request: Request, body: ChatCompletionBody, caller: Caller) -> Response:
     _check_neutral(body)
-    adapter_id = front.adapter_for(body.model, caller)
+    adapter_id = front.adapter_for(body.model)
     messages = tuple(m.to_message() for m in body.messages)
     if sum(len(m.content) for m in messages) > MAX_PROMPT_CHARS:
         raise bad_field("messages", f"messages: longer than {MAX_PROMPT_CHARS} characters in all")
@@ -162,11 +163,13 @@ async def _chat(front: OpenAIFront, request: Request, body: ChatCompletionBody, 
         for j in range(body.n)
     ]
     shape = _Shape(front, body, f"chatcmpl-{rid}", "chat.completion", chat=True)
-    return await _respond(front, request, body, requests, shape)
+    return await _respond(front, request, body, requests, shape, caller)
 
 
-async def _respond(front: OpenAIFront, request: Request, body: SamplingBody, requests: list[GenerateArgs], shape: _Shape) -> Response:
-    choices = Choices(front.engine_loop, requests)
+async def _respond(
+    front: OpenAIFront, request: Request, body: SamplingBody, requests: list[GenerateArgs], shape: _Shape, caller: Caller
+) -> Response:
+    choices = Choices(front.engine_loop, requests, caller)  # each choice: one engine request of the caller's
     n = len(requests)
     try:
         first = await unless_disconnected(request.receive, first_outputs(choices, n))

@@ -35,6 +35,7 @@ from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.prompts import ChatMessage, Prompts
 from loraplex.engine.request import (
+    ANONYMOUS_TENANT,
     CompletionResult,
     ErrorKind,
     Request,
@@ -127,9 +128,11 @@ class Engine:
         *,
         prompt_token_ids: Sequence[int] | None = None,
         adapter: AdapterVersion | None = None,
+        tenant: str = ANONYMOUS_TENANT,
     ) -> str:
         """Queue a request; returns its id. `adapter` is a version from resolve_adapter, given
         instead of adapter_id when the caller resolved it off its own thread (the API does).
+        `tenant` names whose request it is (the API's caller); the engine only carries it.
 
         Raises InvalidFieldError on bad input, AdapterNotFoundError for an unknown adapter,
         EngineOverloadedError when the queue is full, DuplicateRequestError for an id in flight.
@@ -147,6 +150,7 @@ class Engine:
             prompt_token_ids=ids,
             params=params,
             adapter_id=adapter.adapter_id if adapter is not None else None,
+            tenant=tenant,
             adapter=adapter,
             eos_token_ids=frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
             detokenizer=Detokenizer(self.tokenizer, ids, params.stop),
@@ -302,7 +306,7 @@ class Engine:
             elif len(request.output_token_ids) >= p.max_new_tokens or request.num_tokens >= self.max_seq_len:
                 status = RequestStatus.FINISHED_LENGTH
             if status is None:
-                outputs.append(RequestOutput(request.request_id, [token], text, finished=False, logprobs=logprobs))
+                outputs.append(RequestOutput(request.request_id, [token], text, finished=False, logprobs=logprobs, tenant=request.tenant))
             else:
                 outputs.append(self._finish(request, status, [token], text, logprobs))
         return outputs
@@ -337,6 +341,7 @@ class Engine:
             usage=request.usage(),
             adapter_version=request.adapter.version if request.adapter is not None else None,
             logprobs=logprobs,
+            tenant=request.tenant,
         )
 
     # -- whole runs ------------------------------------------------------------------------

@@ -72,6 +72,11 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
 
+# Whose a request is: a name the API gives (the tenant's); requests from callers without one
+# (library use, a server without tenants, admin tokens) share this name. Parentheses never
+# occur in a tenant's name.
+ANONYMOUS_TENANT = "(anonymous)"
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 
@@ -129,6 +134,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_id: str | None = None
+    tenant: str = ANONYMOUS_TENANT  # whose it is (per-tenant quotas, metrics and fair share)
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -213,6 +219,7 @@ class RequestOutput:
     usage: Usage | None = None
     adapter_version: int | None = None  # final output: the adapter version the request ran on
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for them
+    tenant: str = ANONYMOUS_TENANT  # the request's tenant (its tokens are counted against it)
 
 
 @dataclass(frozen=True, slots=True)
