@@ -22,7 +22,7 @@ from pathlib import Path
 
 from conftest import TinyModel, engine_config
 from loraplex.api.server import BackgroundServer
-from loraplex.config import ApiConfig, ServerConfig
+from loraplex.config import ANY_PORT, ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex_client import Client
 
@@ -68,6 +68,11 @@ class TenantServer:
         return f"127.0.0.1:{self.background.server.port}"
 
     @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (a server started with http=True)."""
+        return f"http://127.0.0.1:{self.background.server.http_port}"
+
+    @property
     def engine(self) -> Engine:
         return self.background.server.engine
 
@@ -86,13 +91,16 @@ class TenantServer:
         self.background.stop()
 
 
-def start_tenant_server(tiny: TinyModel, base: Path, metrics_port: int) -> TenantServer:
+def start_tenant_server(tiny: TinyModel, base: Path, metrics_port: int, *, http: bool = False) -> TenantServer:
     root = base / "adapters"
     build_root(tiny, root)
     tenants = base / "tenants.toml"
     tenants.write_text(tenants_toml())
     config = engine_config(tiny, roots=(str(root),), max_loras=4)
-    api = ApiConfig(port=0, metrics_port=metrics_port, auth_tokens=(ADMIN_TOKEN,), tenants_file=str(tenants))
+    api = ApiConfig(
+        port=0, metrics_port=metrics_port, auth_tokens=(ADMIN_TOKEN,), tenants_file=str(tenants),
+        http_port=ANY_PORT if http else 0,
+    )
     engine = Engine(config)
     for rel in ("acme/a0", "globex/g0", "public/p0"):
         engine.register_adapter(rel, rel)
