@@ -2,7 +2,8 @@
 
 A client the server refuses at the TLS handshake (plaintext, no client certificate, a
 certificate from another CA) never reaches a handler: grpc reports UNAVAILABLE, not
-UNAUTHENTICATED, and the SDK raises ServerUnavailableError.
+UNAUTHENTICATED, and the SDK raises ServerUnavailableError. The HTTP door serves HTTPS with
+the same certificate and the same client-certificate rule.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import TinyModel, engine_config
 from loraplex.api.server import BackgroundServer
-from loraplex.config import ApiConfig, ServerConfig
+from loraplex.config import ANY_PORT, ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex_client import AuthenticationError, Client, ServerUnavailableError
 
@@ -111,25 +115,57 @@ def _serve(tiny: TinyModel, pki: Pki, *, mutual: bool) -> BackgroundServer:
     config = engine_config(tiny, max_loras=2)
     api = ApiConfig(
         port=0, metrics_port=0, auth_tokens=(TOKEN,), tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
-        tls_client_ca=str(pki.ca_file) if mutual else None,
+        tls_client_ca=str(pki.ca_file) if mutual else None, http_port=ANY_PORT,
     )
     server = BackgroundServer(ServerConfig(engine=config, api=api), Engine(config))
     server.start()
     return server
 
 
+HTTP_PORTS: dict[str, int] = {}  # a served gRPC address -> its HTTP door's port
+
+
 @pytest.fixture(scope="module")
 def tls_server(tiny_llama: TinyModel, pki: Pki) -> Iterator[str]:
     server = _serve(tiny_llama, pki, mutual=False)
-    yield f"127.0.0.1:{server.server.port}"
+    address = f"127.0.0.1:{server.server.port}"
+    HTTP_PORTS[address] = server.server.http_port
+    yield address
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def mtls_server(tiny_llama: TinyModel, pki: Pki) -> Iterator[str]:
     server = _serve(tiny_llama, pki, mutual=True)
-    yield f"127.0.0.1:{server.server.port}"
+    address = f"127.0.0.1:{server.server.port}"
+    HTTP_PORTS[address] = server.server.http_port
+    yield address
     server.stop()
+
+
+def _https_models(address: str, context: ssl.SSLContext | None, scheme: str = "https") -> int:
+    """GET /v1/models on the server's HTTP door as the admin: its status."""
+    url = f"{scheme}://localhost:{HTTP_PORTS[address]}/v1/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=20, context=context) as response:
+        return int(response.status)
+
+
+def test_the_http_door_is_https_with_the_same_certificate(tls_server: str, mtls_server: str, pki: Pki) -> None:
+    trusting = ssl.create_default_context(cafile=str(pki.ca_file))
+    assert _https_models(tls_server, trusting) == 200
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext: no answer
+        _https_models(tls_server, None, scheme="http")
+    with pytest.raises(urllib.error.URLError):  # a client that does not trust the server's CA
+        _https_models(tls_server, ssl.create_default_context())
+    mutual = ssl.create_default_context(cafile=str(pki.ca_file))
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):  # mTLS: no client certificate
+        _https_models(mtls_server, trusting)
+    key, cert = pki.ca_file.parent / "client.key", pki.ca_file.parent / "client.crt"
+    key.write_bytes(pki.client_key)
+    cert.write_bytes(pki.client_cert)
+    mutual.load_cert_chain(str(cert), str(key))
+    assert _https_models(mtls_server, mutual) == 200
 
 
 def _generate(address: str, tls: grpc.ChannelCredentials | None, token: str | None = TOKEN) -> list[int]:

@@ -15,8 +15,9 @@ HiddenAdapterError); each transport maps those to its statuses in one place. Ide
 read once per call, by the transport, through `identify`; nothing else looks at tokens.
 Tokens are compared as SHA-256 digests with hmac.compare_digest and never logged.
 
-A new transport (the HTTP API) builds on this seam and nothing else; this module imports
-neither grpc nor torch (tests/test_import_rules.py):
+Both transports build on this seam and nothing else (grpc_auth.py for gRPC, openai_front.py
+for HTTP); this module imports neither grpc nor torch (tests/test_import_rules.py). A
+transport:
   1. per call, `caller = auth.identify(bearer_token(request's Authorization header))`;
      None -> its 401 after `auth.denied(None, rpc, AccessError(Outcome.UNAUTHENTICATED, ...))`;
   2. `set_current_caller(caller)` if its handlers read `current_caller()`;

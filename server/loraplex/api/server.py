@@ -35,7 +35,7 @@ from loraplex.api.decode_guard import DecodeGuard
 from loraplex.api.engine_loop import EngineLoop
 from loraplex.api.grpc_auth import AuthInterceptor
 from loraplex.api.http_app import build_app
-from loraplex.api.http_server import HttpServer
+from loraplex.api.http_server import HttpServer, TlsFiles
 from loraplex.api.metrics import Metrics
 from loraplex.api.openai_front import OpenAIFront
 from loraplex.api.quotas import Quotas
@@ -148,15 +148,15 @@ class Server:
         await self.health.set(SERVICE_NAME, NOT_SERVING)  # not ready before warm-up
         await server.start()
         self._grpc_started = True
+        tls = "plaintext" if credentials is None else "TLS, client certificates required" if api.tls_client_ca else "TLS"
         if self.http is not None:
             await self.http.start()
             assert self.http_front is not None
             log.info(
-                "listening on %s:%d (OpenAI-compatible HTTP API, model %r)", api.host, self.http_port,
-                self.http_front.served_model_name,
+                "listening on %s:%d (OpenAI-compatible HTTP API, model %r; %s)", api.host, self.http_port,
+                self.http_front.served_model_name, tls,
             )
         self._watchdog = asyncio.create_task(self._watch())
-        tls = "plaintext" if credentials is None else "TLS, client certificates required" if api.tls_client_ca else "TLS"
         log.info("listening on %s:%d (gRPC %s, health, reflection; %s)", api.host, self.port, SERVICE_NAME, tls)
         log.log(logging.WARNING if self.auth.open else logging.INFO, "auth: %s", self.auth.describe())
         return self.port
@@ -167,7 +167,8 @@ class Server:
         name = api.served_model_name or Path(self.engine.loaded.path).name
         self.http_front = OpenAIFront(self.engine_loop, name, self.auth)
         port = 0 if api.http_port == ANY_PORT else api.http_port  # the socket's own 0: the OS picks
-        self.http = HttpServer(build_app(self.http_front), api.host, port)
+        tls = None if api.tls_cert is None or api.tls_key is None else TlsFiles(api.tls_cert, api.tls_key, api.tls_client_ca)
+        self.http = HttpServer(build_app(self.http_front), api.host, port, tls)
         with startup.binding("HTTP", api.host, port, "--http-port"):
             self.http_port = self.http.bind()
 
