@@ -18,6 +18,7 @@ import pytest
 TORCH_FREE = [
     "loraplex.rules",
     "loraplex.engine.scheduler",
+    "loraplex.engine.fair_share",
     "loraplex.engine.block_manager",
     "loraplex.engine.request",
     "loraplex.engine.live_requests",

@@ -57,6 +57,7 @@ class GenerateOptions(TypedDict, total=False):
     request_id: str | None
     messages: Sequence[Mapping[str, str]] | None
     logprobs: int | None
+    priority: int | None  # lower first, among the caller's own requests only (default 0)
 
 
 def chat_messages(messages: Sequence[Mapping[str, str]]) -> list[pb.ChatMessage]:

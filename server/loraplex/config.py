@@ -18,6 +18,7 @@ Quantization = Literal["nf4", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 CpuNf4Kernel = Literal["fused", "exact"]
+Fairness = Literal["fcfs", "vtc"]  # between tenants: first come first served, or virtual token counters
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -92,8 +93,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024  # admission bound; the API answers RESOURCE_EXHAUSTED past it
     adapter_aging_s: float = 2.0  # a request waiting this long for its adapter is served first
+    fairness: Fairness = "vtc"  # engine/fair_share.py
 
     def __post_init__(self) -> None:
+        _one_of("fairness", self.fairness, Fairness)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_waiting", self.max_waiting)

@@ -87,6 +87,10 @@ OPTIONS: tuple[Option, ...] = (
     _field_option(
         "adapter_aging_s", S, "adapter_aging_s", "a request waiting this long for a device slot is served first"
     ),
+    _field_option(
+        "fairness", S, "fairness",
+        "between tenants: vtc serves the one with the least weighted service first; fcfs, arrival order",
+    ),
     _field_option("max_loras", L, "max_loras", "device adapter slots"),
     _field_option("max_lora_rank", L, "max_lora_rank", "largest adapter rank"),
     _field_option(

@@ -170,7 +170,8 @@ class EngineLoop:
                 prompt_ids = await asyncio.to_thread(self.engine.chat_prompt_ids, args.messages, adapter)
             # Synchronous on purpose: the request is in the engine's inbox before any abort can be.
             self.engine.add_request(
-                args.prompt, args.params, None, rid, prompt_token_ids=prompt_ids, adapter=adapter, tenant=caller.name
+                args.prompt, args.params, None, rid, prompt_token_ids=prompt_ids, adapter=adapter, tenant=caller.name,
+                weight=caller.tenant.weight if caller.tenant is not None else 1.0, priority=args.priority,
             )
             added = True
             pending: RequestOutput | None = None  # a final output read while joining, sent next

@@ -3,9 +3,10 @@
     engine thread ── Engine.on_finish(request) ──> requests, tokens, latency histograms
                   ── EngineLoop.on_step(outputs) ─> inter-token latency, step histograms (Engine.last_step)
     loader thread ── StoreListener.on_load ───────> adapter load latency per tier
-    scrape (HTTP) ── StateCollector ──────────────> gauges from Engine.stats(), and the adapter
-                                                    store's own counters in it (they include
-                                                    what happened before the server started)
+    scrape (HTTP) ── StateCollector ──────────────> gauges from Engine.stats() (per tenant too:
+                                                    running, waiting, fair-share service), and
+                                                    the adapter store's own counters in it (they
+                                                    include what happened before the server started)
 
     auth seam ───── Auth.on_denied(tenant, outcome) ─> denied calls
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
     from loraplex.api.engine_loop import EngineLoop
     from loraplex.engine.engine import Engine
+    from loraplex.engine.fair_share import TenantLoad
     from loraplex.engine.request import Request, RequestOutput
     from loraplex.lora.adapter_version import Tier
 
@@ -119,8 +121,9 @@ class Metrics:
         )
         self.queue = Histogram(
             "loraplex_request_queue_time_seconds", "Arrival to first scheduled (or to the end, if never scheduled)",
-            buckets=LATENCY_BUCKETS, registry=r,
+            ["tenant"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.queue.labels(ANONYMOUS_TENANT)
         self.batch_size = Histogram(
             "loraplex_step_requests", "Batch size: requests in one engine step", buckets=BATCH_BUCKETS, registry=r
         )
@@ -149,7 +152,7 @@ class Metrics:
             "device": str(loaded.device),
         })
         ProcessCollector(registry=r)
-        r.register(StateCollector(engine))
+        r.register(StateCollector(engine, tenant_label))
 
         self._last_token: dict[str, float] = {}  # request id -> time of its last token output
         self._attached: EngineLoop | None = None
@@ -216,7 +219,7 @@ class Metrics:
         self.requests.labels(reason.value, tenant).inc()
         self.prompt_tokens.labels(tenant).inc(usage.prompt_tokens)
         self.e2e.observe(now - request.arrival_time)
-        self.queue.observe(usage.queue_time_s)
+        self.queue.labels(tenant).observe(usage.queue_time_s)
         if usage.time_to_first_token_s is not None:
             self.ttft.observe(usage.time_to_first_token_s)
         if self.adapter_requests is not None:
@@ -296,8 +299,9 @@ class TopAdapters:
 class StateCollector(Collector):
     """Gauges that mirror live state, and the adapter store's counters, read per scrape."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tenant_label: Callable[[str], str] = _anonymous) -> None:
         self.engine = engine
+        self.tenant_label = tenant_label
 
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats()
@@ -305,6 +309,7 @@ class StateCollector(Collector):
         yield _gauge(
             "loraplex_requests_waiting", "Requests queued for KV blocks, a batch seat or their adapter", stats.waiting
         )
+        yield from self._tenants(stats.tenants)
         yield _gauge("loraplex_kv_blocks_used", "KV-cache blocks held by sequences", stats.kv_blocks_used)
         yield _gauge("loraplex_kv_blocks_free", "KV-cache blocks free", stats.kv_blocks_free)
 
@@ -347,6 +352,29 @@ class StateCollector(Collector):
         )
         registrations.add_metric([], snap.counters.get(("registered", "registrations"), 0))
         yield registrations
+
+
+    def _tenants(self, loads: Mapping[str, TenantLoad]) -> Iterator[Metric]:
+        """Per tenant label (configured names; everyone else summed as one): the scheduler's view."""
+        running = GaugeMetricFamily("loraplex_tenant_requests_running", "Requests in the running batch, by tenant", labels=["tenant"])
+        waiting = GaugeMetricFamily("loraplex_tenant_requests_waiting", "Requests queued, by tenant", labels=["tenant"])
+        service = GaugeMetricFamily(
+            "loraplex_tenant_service", "Fair share: weighted tokens served (prompt x 1 + generated x 2) / weight, "
+            "lifted when a tenant becomes active (engine/fair_share.py)", labels=["tenant"],
+        )
+        totals: dict[str, list[float]] = {ANONYMOUS_TENANT: [0, 0, 0.0]}
+        for name, load in loads.items():
+            row = totals.setdefault(self.tenant_label(name), [0, 0, 0.0])
+            row[0] += load.running
+            row[1] += load.waiting
+            row[2] += load.counter
+        for label, (run, wait, counter) in sorted(totals.items()):
+            running.add_metric([label], run)
+            waiting.add_metric([label], wait)
+            service.add_metric([label], counter)
+        yield running
+        yield waiting
+        yield service
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

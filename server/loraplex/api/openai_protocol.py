@@ -98,6 +98,7 @@ class SamplingBody(Body):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = False  # each choice's generated token ids, as vLLM's `token_ids`
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower first, among the caller's own requests
     # accepted only at their neutral values
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

@@ -140,7 +140,8 @@ async def _completions(front: OpenAIFront, request: Request, body: CompletionBod
     rid = _request_id(request)
     ids = _choice_ids(rid, len(prompts) * body.n)
     requests = [
-        GenerateArgs(text, tokens, adapter_id, _params(front, body, body.max_tokens, body.logprobs, choice_seed(body.seed, j)), ids[p * body.n + j])
+        GenerateArgs(text, tokens, adapter_id, _params(front, body, body.max_tokens, body.logprobs, choice_seed(body.seed, j)), ids[p * body.n + j],
+                     priority=body.priority)
         for p, (text, tokens) in enumerate(prompts)
         for j in range(body.n)
     ]
@@ -159,7 +160,8 @@ async def _chat(front: OpenAIFront, request: Request, body: ChatCompletionBody, 
     rid = _request_id(request)
     ids = _choice_ids(rid, body.n)
     requests = [
-        GenerateArgs(None, None, adapter_id, _params(front, body, max_tokens, logprobs, choice_seed(body.seed, j)), ids[j], messages)
+        GenerateArgs(None, None, adapter_id, _params(front, body, max_tokens, logprobs, choice_seed(body.seed, j)), ids[j], messages,
+                     priority=body.priority)
         for j in range(body.n)
     ]
     shape = _Shape(front, body, f"chatcmpl-{rid}", "chat.completion", chat=True)

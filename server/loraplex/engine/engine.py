@@ -129,10 +129,14 @@ class Engine:
         prompt_token_ids: Sequence[int] | None = None,
         adapter: AdapterVersion | None = None,
         tenant: str = ANONYMOUS_TENANT,
+        weight: float = 1.0,
+        priority: int = 0,
     ) -> str:
         """Queue a request; returns its id. `adapter` is a version from resolve_adapter, given
         instead of adapter_id when the caller resolved it off its own thread (the API does).
-        `tenant` names whose request it is (the API's caller); the engine only carries it.
+        `tenant` names whose request it is (the API's caller) and `weight` that tenant's share
+        when tenants compete (the scheduler's fair share); `priority` (lower first) orders it
+        among the same tenant's requests only.
 
         Raises InvalidFieldError on bad input, AdapterNotFoundError for an unknown adapter,
         EngineOverloadedError when the queue is full, DuplicateRequestError for an id in flight.
@@ -151,6 +155,8 @@ class Engine:
             params=params,
             adapter_id=adapter.adapter_id if adapter is not None else None,
             tenant=tenant,
+            weight=weight,
+            priority=priority,
             adapter=adapter,
             eos_token_ids=frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
             detokenizer=Detokenizer(self.tokenizer, ids, params.stop),
@@ -219,6 +225,7 @@ class Engine:
             adapters=adapters,
             adapter_slot_bytes=self.lora.pool_bytes // max(1, adapters.device_slots),
             last_step=self.last_step,
+            tenants=self.scheduler.tenant_loads,  # replaced, never changed, by each step: safe to read here
         )
 
     def wake(self) -> None:
@@ -246,6 +253,7 @@ class Engine:
             except Exception:
                 log.exception("step failed for %d requests; running them one by one", len(batch))
                 self._run_isolated(batch, outputs)
+        self.scheduler.record_loads()
         self.last_step = StepStats(
             len(batch), batch.num_tokens, num_adapters, len(batch.preempted), time.perf_counter() - start, num_decodes
         )

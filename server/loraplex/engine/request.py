@@ -135,6 +135,8 @@ class Request:
     params: SamplingParams
     adapter_id: str | None = None
     tenant: str = ANONYMOUS_TENANT  # whose it is (per-tenant quotas, metrics and fair share)
+    weight: float = 1.0  # the tenant's share when tenants compete (fair_share.py)
+    priority: int = 0  # lower runs first, among the same tenant's requests only
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -148,6 +150,7 @@ class Request:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    num_charged_prompt_tokens: int = 0  # fair share: prompt tokens counted as service (never twice)
     error: str | None = None  # what happened, for the caller (ABORTED and ERROR)
     error_kind: ErrorKind | None = None  # set with error
 

@@ -9,11 +9,19 @@ Who calls what (all on the engine thread, from Engine):
   schedule()              start of every step; returns the step's batch
   finish(request, status) postprocess (stop, length), abort (cancel, deadline, unload), or
                           error; frees its KV blocks and its adapter-slot reference
+  record_loads()          end of every step: the per-tenant snapshot metrics read
 
 Bounds of one step: max_num_seqs running requests, max_num_batched_tokens tokens, the free
 KV blocks, and the device adapter slots (each running request holds a reference to its
 adapter's slot, so a step never needs more distinct adapters than there are slots). The slots
 are reached through lora/slots.py's AdapterSlots: the scheduler never sees tensors.
+
+Between tenants (fair_share.py): admission takes the waiting request of the backlogged tenant
+with the least weighted service so far (VTC), or the first in the queue (FCFS); a request's
+`priority` orders it among its own tenant's requests only; preemption takes from the tenant
+with the most service first. Each step's tokens are charged to their tenants as scheduled.
+A tenant whose adapter is loading keeps its place: admission moves on to the next request,
+and the tenant is first again once its adapter is ready.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.fair_share import FairShare, TenantLoad
 from loraplex.engine.request import Request, RequestStatus
 from loraplex.lora.slots import AdapterSlots, SlotState
 
@@ -56,13 +65,16 @@ class Scheduler:
         self.blocks = blocks
         self.adapters = adapters
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()  # arrival order, preempted requests first
         self.running: list[Request] = []
+        self.fair = FairShare(config.fairness)
+        self.tenant_loads: dict[str, TenantLoad] = {}  # per tenant after the last step, for metrics
 
     # -- queue -------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        self.fair.arrive(request, self.waiting, self.running)
         self.waiting.append(request)
 
     @property
@@ -83,9 +95,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._make_room(request, n, batch):
-                break  # `request` itself was preempted; everything after it is gone too
+            if not self._make_room(request, n, batch, i):
+                continue  # `request` itself was preempted: running[i] is the next one
             self.blocks.allocate(request, n)
+            self.fair.charge(request, n)
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
@@ -96,10 +109,11 @@ class Scheduler:
             self._admit(batch, budget)
         return batch
 
-    def _make_room(self, request: Request, num_new_tokens: int, batch: ScheduledBatch) -> bool:
-        """Preempt the newest running requests until `request` gets its blocks."""
+    def _make_room(self, request: Request, num_new_tokens: int, batch: ScheduledBatch, start: int) -> bool:
+        """Preempt running requests not yet scheduled this step (`running[start:]`, `request`
+        first among them) until `request` gets its blocks; False if `request` itself was."""
         while not self.blocks.can_allocate(request, num_new_tokens):
-            victim = self.running.pop()
+            victim = self.running.pop(self.fair.victim(self.running, start))
             self._preempt(victim)
             batch.preempted.append(victim)
             if victim is request:
@@ -117,33 +131,34 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Waiting requests in fair-share order (fair_share.candidates) while the step has room."""
         now = time.monotonic()
         starving = self._starving_adapter(now)
-        kept: deque[Request] = deque()
-        while self.waiting:
-            request = self.waiting.popleft()
+        if budget <= 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
+            return
+        taken: set[int] = set()  # id() of the requests leaving the queue: admitted or failed
+        for request in self.fair.candidates(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                kept.append(request)
                 break
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.blocks.can_allocate(request, n):
-                kept.append(request)  # KV is first come, first served: stop here
-                break
+                break  # KV goes in admission order: stop here, the request keeps its place
             if request.adapter is not None:
                 if starving is not None and request.adapter is not starving and not self.adapters.on_device(
                     request.adapter
                 ):
-                    kept.append(request)  # leave free slots to the starving adapter
-                    continue
+                    continue  # leave free slots to the starving adapter
                 state = self.adapters.try_acquire(request.adapter)
                 if state is SlotState.NOT_READY:
-                    kept.append(request)
-                    continue
+                    continue  # it keeps its place; its tenant's next request may go
                 if state is SlotState.FAILED:
                     request.error = self.adapters.failure(request.adapter)
                     batch.failed.append(request)
+                    taken.add(id(request))
                     continue
             self.blocks.allocate(request, n)
+            self.fair.charge(request, n)
+            taken.add(id(request))
             request.status = RequestStatus.RUNNING
             if request.scheduled_time is None:
                 request.scheduled_time = now
@@ -151,8 +166,8 @@ class Scheduler:
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
-        kept.extend(self.waiting)
-        self.waiting = kept
+        if taken:
+            self.waiting = deque(r for r in self.waiting if id(r) not in taken)
 
     def _starving_adapter(self, now: float) -> object | None:
         """The adapter of the oldest request that has waited past the aging bound for a slot.
@@ -167,6 +182,11 @@ class Scheduler:
             if adapter is not None and not self.adapters.on_device(adapter) and self.adapters.loaded(adapter):
                 return adapter
         return None
+
+    def record_loads(self) -> None:
+        """Snapshot each tenant's running, waiting and service for metrics (end of a step:
+        the snapshot is replaced, never changed, so other threads may read it)."""
+        self.tenant_loads = self.fair.loads(self.waiting, self.running)
 
     # -- leaving -------------------------------------------------------------------------
 
