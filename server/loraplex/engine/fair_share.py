@@ -16,7 +16,7 @@ Who calls what (the scheduler, on the engine thread):
                                      the tenant of each next one is chosen after the previous
                                      one was admitted (and charged), so one step interleaves tenants
   charge(request, n)                 Scheduler: the step computes n tokens of this request
-  victim(running, start)             Scheduler._make_room: whom to preempt for KV blocks
+  victim(running)                    Scheduler._make_room: whom to preempt for KV blocks
 
 Within a tenant, requests go by `priority` (lower first), then queue order: a priority never
 lets a tenant pass another. FCFS (`--fairness fcfs`) picks, across tenants, the request
@@ -119,14 +119,13 @@ class FairShare:
                 del queues[tenant]
             yield request
 
-    def victim(self, running: Sequence[Request], start: int) -> int:
-        """The index in `running` (at `start` or later: not yet scheduled this step) of the
-        request to preempt: FCFS the newest; VTC the tenant with the largest counter, its
-        lowest-priority, newest request."""
+    def victim(self, running: Sequence[Request]) -> int:
+        """The index in `running` of the request to preempt: FCFS the newest; VTC the tenant
+        with the largest counter, its lowest-priority, newest request."""
         if self.policy == "fcfs":
             return len(running) - 1
         return max(
-            range(start, len(running)),
+            range(len(running)),
             key=lambda i: (self.counters.get(running[i].tenant, 0.0), running[i].priority, i),
         )
 

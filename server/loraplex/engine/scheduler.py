@@ -90,35 +90,43 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
 
-        # 1. Running requests first: they hold KV blocks and adapter slots already.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        # 1. Running requests first: they hold KV blocks and adapter slots already. The ones
+        # scheduled so far are always running[:len(batch)], also after a preemption.
+        while len(batch) < len(self.running) and budget > 0:
+            request = self.running[len(batch)]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._make_room(request, n, batch, i):
-                continue  # `request` itself was preempted: running[i] is the next one
+            made, refunded = self._make_room(request, n, batch)
+            budget += refunded
+            if not made:
+                continue  # `request` itself was preempted
             self.blocks.allocate(request, n)
-            self.fair.charge(request, n)
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
-            i += 1
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            self.fair.charge(request, n)  # once the running batch is final
 
         # 2. Waiting requests, oldest first, skipping those whose adapter is not ready.
         if not batch.preempted:
             self._admit(batch, budget)
         return batch
 
-    def _make_room(self, request: Request, num_new_tokens: int, batch: ScheduledBatch, start: int) -> bool:
-        """Preempt running requests not yet scheduled this step (`running[start:]`, `request`
-        first among them) until `request` gets its blocks; False if `request` itself was."""
+    def _make_room(self, request: Request, num_new_tokens: int, batch: ScheduledBatch) -> tuple[bool, int]:
+        """Preempt running requests (fair_share.victim says which) until `request` gets its
+        blocks. A victim already in this step's batch leaves it. Returns (False if `request`
+        itself was preempted, the batch tokens given back)."""
+        refunded = 0
         while not self.blocks.can_allocate(request, num_new_tokens):
-            victim = self.running.pop(self.fair.victim(self.running, start))
+            victim = self.running.pop(self.fair.victim(self.running))
+            k = next((k for k, r in enumerate(batch.requests) if r is victim), None)
+            if k is not None:
+                del batch.requests[k]
+                refunded += batch.num_new_tokens.pop(k)
             self._preempt(victim)
             batch.preempted.append(victim)
             if victim is request:
-                return False
-        return True
+                return False, refunded
+        return True, refunded
 
     def _preempt(self, request: Request) -> None:
         # Recompute on resume: drop the KV, keep the generated tokens.
