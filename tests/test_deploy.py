@@ -205,8 +205,12 @@ def test_the_dashboard_has_the_operations_panels() -> None:
         "by final status", "time to first token", "inter-token", "end-to-end", "tokens / s", "running and waiting",
         "kv-cache", "batch size", "adapters per step", "hit rate", "evictions", "bytes", "load latency",
         "prefix cache hit rate",
+        "requests / s by tenant", "tokens / s by tenant", "denied calls",
     ):
         assert topic in titles, topic
+    # A tenant selector, applied to the per-tenant series.
+    assert "tenant" in {v["name"] for v in dashboard["templating"]["list"]}
+    assert 'loraplex_requests_total{instance=~"$instance", tenant=~"$tenant"}' in " ".join(_expressions(dashboard))
     exprs = " ".join(_expressions(dashboard))
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le) (rate(loraplex_time_to_first_token_seconds_bucket" in exprs

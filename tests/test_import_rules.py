@@ -18,6 +18,7 @@ import pytest
 TORCH_FREE = [
     "loraplex.rules",
     "loraplex.engine.scheduler",
+    "loraplex.engine.fair_share",
     "loraplex.engine.block_manager",
     "loraplex.engine.prefix_cache",
     "loraplex.engine.samples",
@@ -32,30 +33,44 @@ TORCH_FREE = [
     "loraplex.lora.s3_source",
 ]
 
+# The auth seam is shared by the gRPC and HTTP transports: it imports neither torch nor grpc.
+TRANSPORT_FREE = ["loraplex.api.tenants", "loraplex.api.auth", "loraplex.api.quotas"]
+
 BLOCK_TORCH = textwrap.dedent(
     """
     import importlib, sys
 
+    blocked = sys.argv[2:] or ["torch"]
+
     class BlockTorch:
         def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"torch is blocked: {name} imported by a torch-free module")
+            top = name.split(".")[0]
+            if top in blocked:
+                raise ImportError(f"{top} is blocked: {name} imported by a module that must not need it")
             return None
 
     sys.meta_path.insert(0, BlockTorch())
     importlib.import_module(sys.argv[1])
-    assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch got in"
+    assert not any(m.split(".")[0] in blocked for m in sys.modules), "a blocked package got in"
     """
 )
 
 
-def _import_without_torch(module: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", BLOCK_TORCH, module], capture_output=True, text=True, timeout=120)
+def _import_without_torch(module: str, *blocked: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, module, *blocked], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)
 def test_module_imports_with_torch_blocked(module: str) -> None:
     proc = _import_without_torch(module)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("module", TRANSPORT_FREE)
+def test_the_auth_seam_imports_neither_torch_nor_grpc(module: str) -> None:
+    proc = _import_without_torch(module, "torch", "grpc")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

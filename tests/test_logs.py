@@ -57,6 +57,26 @@ def test_json_lines_carry_the_request_id_of_the_call(stream_logger: tuple[loggin
     assert "RuntimeError: boom" in lines[3]["exc"]
 
 
+def test_audit_lines_are_structured_in_json(stream_logger: tuple[logging.Logger, io.StringIO, logging.Handler]) -> None:
+    from loraplex.api.auth import Outcome, audit
+
+    _, out, handler = stream_logger
+    handler.setFormatter(JsonFormatter())
+    audit_log = logging.getLogger("loraplex.audit")
+    audit_log.addHandler(handler)
+    audit_log.setLevel(logging.INFO)
+    try:
+        audit("acme", "LoadAdapter", Outcome.OK, adapter_id="acme/x", version=2, content_hash="ab12")
+    finally:
+        audit_log.removeHandler(handler)
+    line = json.loads(out.getvalue())
+    assert line["logger"] == "loraplex.audit"
+    assert line["msg"] == "audit tenant=acme rpc=LoadAdapter adapter_id=acme/x version=2 content_hash=ab12 outcome=ok"
+    assert line["audit"] == {
+        "tenant": "acme", "rpc": "LoadAdapter", "adapter_id": "acme/x", "version": 2, "content_hash": "ab12", "outcome": "ok",
+    }
+
+
 def test_text_lines_append_the_request_id(stream_logger: tuple[logging.Logger, io.StringIO, logging.Handler]) -> None:
     logger, out, handler = stream_logger
     handler.setFormatter(TextFormatter())

@@ -3,7 +3,9 @@ every `loraplex` command line of a ```sh block through the CLI's own parser and 
 
 The Python blocks run in a fresh interpreter against `loraplex serve --model demo` (the
 session's demo server); only the addresses are replaced, 127.0.0.1:50051 (gRPC) and
-127.0.0.1:8000 (the OpenAI-compatible HTTP API) by its free ports."""
+127.0.0.1:8000 (the OpenAI-compatible HTTP API) by its free ports.
+The TLS client block needs certificates: tests/api/test_tls.py runs it against an mTLS
+server; the tenants file block is parsed by tests/api/test_tenants.py."""
 
 from __future__ import annotations
 
@@ -27,6 +29,17 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
 
+def demo_blocks() -> list[str]:
+    """The python blocks that run against the demo (all but the TLS client's)."""
+    return [b for b in blocks("python") if "ssl_channel_credentials" not in b]
+
+
+def config_block() -> str:
+    """The `loraplex.toml` example (the other toml block is a tenants file)."""
+    (block,) = [b for b in blocks("toml") if "[[tenant]]" not in b]
+    return block
+
+
 def commands(block: str) -> list[str]:
     """The block's command lines: continuation lines joined, comments dropped."""
     out, pending = [], ""
@@ -39,14 +52,15 @@ def commands(block: str) -> list[str]:
 
 
 def test_the_readme_has_python_and_shell_blocks() -> None:
-    assert len(blocks("python")) == 3 and len(blocks("sh")) >= 4 and len(blocks("toml")) == 1
+    assert len(demo_blocks()) == 3 and len(blocks("python")) == 4  # the fourth: the TLS client (test_tls.py)
+    assert len(blocks("sh")) >= 4 and len(blocks("toml")) == 2  # the second: a tenants file (test_tenants.py)
     assert "### Install without make" in README.read_text()
 
 
 @pytest.mark.timeout(900)  # the session's demo is built on first use: ~30 s alone, minutes on a busy machine
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["client", "openai", "library"])
 def test_python_blocks_run_against_the_demo(index: int, demo_server: ServedDemo, tmp_path: Path) -> None:
-    code = blocks("python")[index].replace(DEFAULT_ADDRESS, demo_server.address)
+    code = demo_blocks()[index].replace(DEFAULT_ADDRESS, demo_server.address)
     code = code.replace(DEFAULT_HTTP_ADDRESS, demo_server.http_address)
     run = subprocess.run(
         [sys.executable, "-c", code],
@@ -65,7 +79,7 @@ def test_python_blocks_run_against_the_demo(index: int, demo_server: ServedDemo,
 
 def test_loraplex_command_lines_parse_with_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "loraplex.toml").write_text(blocks("toml")[0])  # the file the README's commands name
+    (tmp_path / "loraplex.toml").write_text(config_block())  # the file the README's commands name
     checked = serve_ray_lines = 0
     try:
         from loraplex.cluster.app import ClusterOptions  # the ray extra (make install puts it in .venv)

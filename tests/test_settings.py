@@ -196,7 +196,7 @@ def test_serve_reports_bad_settings_without_a_traceback(
 
 def test_the_readme_example_config_is_valid(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    (example,) = [b.split("```", 1)[0] for b in readme.split("```toml\n")[1:] if b.startswith("# loraplex.toml")]
     values = settings.resolve(parse("--config", toml(tmp_path, example)), {"LORAPLEX_MAX_LORAS": "32"})
     config = settings.build_config(values)
     assert config.engine.lora.max_loras == 32 and config.engine.lora.adapter_roots == ("/adapters",)

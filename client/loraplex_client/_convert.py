@@ -59,6 +59,7 @@ class GenerateOptions(TypedDict, total=False):
     messages: Sequence[Mapping[str, str]] | None
     logprobs: int | None
     n: int | None  # samples of the prompt (1-16); sample i of a seeded request uses seed + i
+    priority: int | None  # lower first, among the caller's own requests only (default 0)
 
 
 def chat_messages(messages: Sequence[Mapping[str, str]]) -> list[pb.ChatMessage]:

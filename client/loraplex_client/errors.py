@@ -5,24 +5,32 @@ Every failed call raises a LoraplexError subclass, so callers catch by meaning
 server does not document (UNIMPLEMENTED, DATA_LOSS, ...) raises LoraplexError itself.
 Arguments the SDK can check before sending (a value the proto cannot hold, an upload
 directory that is missing or incomplete) raise InvalidRequestError naming the argument.
+When the server says how long to wait before retrying (google.rpc RetryInfo in the status
+details), `.retry_delay` has the seconds; a tenant limit raises QuotaExceededError, whose
+`.limit` names it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+
+from loraplex_client._status_details import status_details
 
 
 class LoraplexError(Exception):
     """A call failed. `.code` is the gRPC status code, `.details` the server's message."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, *, retry_delay: float | None = None) -> None:
         super().__init__(f"{code.name}: {details}" if details else code.name)
         self.code = code
         self.details = details
+        self.retry_delay = retry_delay  # seconds to wait before retrying, when the server says (else None)
 
-    def __reduce__(self) -> tuple[type[LoraplexError], tuple[grpc.StatusCode, str]]:
-        # Exception pickles by self.args (the message); rebuild from code + details instead.
-        return type(self), (self.code, self.details)
+    def __reduce__(self) -> tuple[type[LoraplexError], tuple[grpc.StatusCode, str], dict[str, Any]]:
+        # Exception pickles by self.args (the message); rebuild from code + details, then the rest.
+        return type(self), (self.code, self.details), dict(self.__dict__)
 
 
 class InvalidRequestError(LoraplexError):
@@ -48,6 +56,13 @@ class OverloadedError(LoraplexError):
     """RESOURCE_EXHAUSTED: the admission queue is full, or an upload is too large."""
 
 
+class QuotaExceededError(OverloadedError):
+    """RESOURCE_EXHAUSTED from a tenant limit: `.limit` is max_requests, tokens_per_minute or
+    max_adapters; `.retry_delay` (seconds) is set when waiting helps."""
+
+    limit: str | None = None
+
+
 class ServerUnavailableError(LoraplexError):
     """UNAVAILABLE: the server is unreachable, shutting down, or not ready yet."""
 
@@ -61,7 +76,8 @@ class AuthenticationError(LoraplexError):
 
 
 class PermissionDeniedError(LoraplexError):
-    """PERMISSION_DENIED: the token's tenant may not use this adapter or operation."""
+    """PERMISSION_DENIED: the token's tenant may not load, upload or unload this id, or load this
+    path: both must lie in its own namespaces (ids of read namespaces may be used, not changed)."""
 
 
 class InternalServerError(LoraplexError):
@@ -97,4 +113,9 @@ def error_from_rpc(error: grpc.RpcError) -> LoraplexError:
     # Both failed-call types carry code() and details(); a bare RpcError has neither.
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or ""
-    return _BY_CODE.get(code, LoraplexError)(code, details)
+    extra = status_details(error)
+    if extra.quota_limit is not None:
+        quota = QuotaExceededError(code, details, retry_delay=extra.retry_delay)
+        quota.limit = extra.quota_limit
+        return quota
+    return _BY_CODE.get(code, LoraplexError)(code, details, retry_delay=extra.retry_delay)

@@ -1,6 +1,7 @@
-"""`loraplex` command line: serve, serve-ray, healthcheck, demo, make-demo.
+"""`loraplex` command line: serve, serve-ray, healthcheck, token, demo, make-demo.
 
-Only `serve`, `serve-ray` (and the demo commands) import torch; `healthcheck` and `--help` do not.
+Only `serve`, `serve-ray` (and the demo commands) import torch; `healthcheck`, `token` and
+`--help` do not.
 """
 
 from __future__ import annotations
@@ -81,11 +82,14 @@ def _serve(values: dict[str, Any], sources: dict[str, str]) -> int:
     ctrl_c = _CtrlC()
     signal.signal(signal.SIGINT, ctrl_c)
     startup.check_server_extra()
+    from loraplex.api.auth import Auth  # torch-free: a bad tenants file stops us in a second
+
     try:
         config = settings.build_config(values, sources)
         preload = settings.parse_preload(values["preload"])
-    except ValueError as e:
-        raise startup.StartupError(str(e)) from e  # it names the option and where its value came from
+        auth = Auth.from_options(config.api.tenants_file, config.api.auth_tokens)
+    except ValueError as e:  # TenantFileError too
+        raise startup.StartupError(str(e)) from e  # it names the option (or the file) and where the value came from
     api = config.api
     startup.check_port_free(api.host, api.port, "gRPC", "--port")
     if api.metrics_port:
@@ -117,7 +121,7 @@ def _serve(values: dict[str, Any], sources: dict[str, str]) -> int:
     except KeyboardInterrupt:
         engine.close()
         raise
-    return asyncio.run(serve(config, engine, preload=preload))
+    return asyncio.run(serve(config, engine, preload=preload, auth=auth))
 
 
 @contextlib.contextmanager
@@ -206,6 +210,16 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a new random bearer token, then the line that goes into the tenants file."""
+    from loraplex.api.tenants import new_token
+
+    token, line = new_token()
+    print(token)
+    print(line)
+    return 0
+
+
 def cmd_make_demo(args: argparse.Namespace) -> int:
     from loraplex.model.demo import demo_dir, make_demo
 
@@ -249,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default=None, help="readiness: loraplex.v1.LoraPlex (default), or '' for liveness")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     p.set_defaults(func=cmd_healthcheck)
+
+    p = sub.add_parser(
+        "token", help="print a new random bearer token and its token_sha256 line for the --tenants file",
+        description="Prints a new token (give it to the tenant) and the `token_sha256 = \"...\"` line "
+        "(put it in the tenant's [[tenant]] table); the server never stores the token itself.",
+    )
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("make-demo", help="build the demo model and adapters (CPU, under a minute)")
     p.add_argument("out_dir", nargs="?", help=DEMO_DIR_HELP)

@@ -18,6 +18,7 @@ Quantization = Literal["nf4", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 CpuNf4Kernel = Literal["fused", "exact"]
+Fairness = Literal["fcfs", "vtc"]  # between tenants: first come first served, or virtual token counters
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -93,8 +94,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024  # admission bound; the API answers RESOURCE_EXHAUSTED past it
     adapter_aging_s: float = 2.0  # a request waiting this long for its adapter is served first
+    fairness: Fairness = "vtc"  # engine/fair_share.py
 
     def __post_init__(self) -> None:
+        _one_of("fairness", self.fairness, Fairness)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_waiting", self.max_waiting)
@@ -140,7 +143,11 @@ class ApiConfig:
     metrics_top_adapters: int = 0  # per-adapter request counter for the N busiest ids; 0 = off
     drain_timeout_s: float = 30.0
     heartbeat_timeout_s: float = 30.0
-    auth_tokens: tuple[str, ...] = ()  # reserved for the tenant step; masked when printed
+    auth_tokens: tuple[str, ...] = ()  # admin bearer tokens; masked when printed
+    tenants_file: str | None = None  # TOML tenant table (api/tenants.py); reloaded on SIGHUP
+    tls_cert: str | None = None  # PEM server certificate chain: serve TLS
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates signed by it (mTLS)
 
     def __post_init__(self) -> None:
         _port("port", self.port)
@@ -149,6 +156,10 @@ class ApiConfig:
         _at_least_zero("metrics_top_adapters", self.metrics_top_adapters)
         _at_least_zero("drain_timeout_s", self.drain_timeout_s)
         _positive("heartbeat_timeout_s", self.heartbeat_timeout_s)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidFieldError("tls_cert", "tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidFieldError("tls_client_ca", "tls_client_ca (mTLS) needs tls_cert and tls_key")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,8 @@
 A record gets its request id from `extra={"request_id": ...}` (the engine thread logs a
 request this way) or, failing that, from the `current_request_id` context variable, which the gRPC
 servicer sets for the call it handles: every log line written while serving a call names it.
+Audit lines (logger `loraplex.audit`, api/auth.py) carry their fields as a JSON object
+under "audit": tenant, rpc, adapter_id, version, content_hash, outcome (and reason).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
             entry["request_id"] = request_id
+        audit = getattr(record, "audit", None)  # api/auth.py's audit lines: their fields, structured
+        if audit is not None:
+            entry["audit"] = audit
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

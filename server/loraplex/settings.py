@@ -91,6 +91,10 @@ OPTIONS: tuple[Option, ...] = (
     _field_option(
         "adapter_aging_s", S, "adapter_aging_s", "a request waiting this long for a device slot is served first"
     ),
+    _field_option(
+        "fairness", S, "fairness",
+        "between tenants: vtc serves the one with the least weighted service first; fcfs, arrival order",
+    ),
     _field_option("max_loras", L, "max_loras", "device adapter slots"),
     _field_option("max_lora_rank", L, "max_lora_rank", "largest adapter rank"),
     _field_option(
@@ -125,7 +129,18 @@ OPTIONS: tuple[Option, ...] = (
         "heartbeat_timeout", A, "heartbeat_timeout_s", "readiness turns NOT_SERVING when an engine step runs longer"
     ),
     _field_option(
-        "auth_token", A, "auth_tokens", "bearer token accepted from callers (repeatable; none: no auth)", secret=True
+        "auth_token", A, "auth_tokens",
+        "admin bearer token accepted from callers (repeatable; with no --tenants either, the server is open)",
+        secret=True,
+    ),
+    _field_option(
+        "tenants", A, "tenants_file",
+        "TOML file of tenants: token hashes, namespaces, roles, limits (reloaded on SIGHUP)",
+    ),
+    _field_option("tls_cert", A, "tls_cert", "PEM certificate chain: serve gRPC over TLS (with --tls-key)"),
+    _field_option("tls_key", A, "tls_key", "PEM private key for --tls-cert"),
+    _field_option(
+        "tls_client_ca", A, "tls_client_ca", "PEM CA certificates: require client certificates signed by them (mTLS)"
     ),
     _field_option("seed", E, "seed", "seed for requests without one"),
     Option("log_format", str, "text", "log line format", LOG_FORMATS),

@@ -55,6 +55,12 @@ def _files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
 
 
+def _uploaded_files(root: Path) -> list[Path]:
+    """Files in any upload directory: the staging one (<root>/.uploads) and the homes beside
+    each id's own directory (<root>/acme/.uploads/<name>/<content hash>)."""
+    return [p for p in _files_under(root) if ".uploads" in p.relative_to(root).parts]
+
+
 def _healthy(client: Client) -> None:
     """The server still serves a request with an adapter correctly after the fault."""
     with_adapter = client.generate(prompt_token_ids=[5, 6, 7], adapter_id="good", max_new_tokens=3, ignore_eos=True)
@@ -74,7 +80,7 @@ def test_a_truncated_file_is_refused_by_load_and_upload(client: Client, root: Pa
     for adapter_id in ("cut", "acme/cut"):
         with pytest.raises(AdapterNotFoundError):
             client.get_adapter(adapter_id)
-    assert _files_under(root / ".uploads") == []  # the refused upload left nothing
+    assert _uploaded_files(root) == []  # the refused upload left nothing
     _healthy(client)
 
 
@@ -92,7 +98,7 @@ def test_a_full_disk_during_an_upload_ends_that_call_and_leaves_nothing(
     monkeypatch.setattr(uploads.Upload, "_write", staticmethod(full_disk))
     with pytest.raises(OverloadedError, match=r"cannot store the upload \(writing adapter_\w+\.\w+\): No space left"):
         client.upload_adapter("acme/full", root / "good", chunk_size=512)
-    assert _files_under(root / ".uploads") == []
+    assert _uploaded_files(root) == []
     monkeypatch.undo()
     info = client.upload_adapter("acme/full", root / "good")  # the disk has room again: the same upload works
     assert info.adapter_id == "acme/full" and info.version == 1

@@ -53,7 +53,9 @@ def scrape(port: int) -> tuple[Samples, dict[str, str]]:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum over the series of `name` that carry these labels (any others, e.g. tenant, summed over)."""
+    wanted = set(labels.items())
+    return sum(v for (n, series), v in samples.items() if n == name and wanted <= set(series))
 
 
 def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
@@ -104,6 +106,9 @@ EXPECTED_FAMILIES = {
     "loraplex_request_queue_time_seconds": "histogram",
     "loraplex_requests_running": "gauge",
     "loraplex_requests_waiting": "gauge",
+    "loraplex_tenant_requests_running": "gauge",
+    "loraplex_tenant_requests_waiting": "gauge",
+    "loraplex_tenant_service": "gauge",
     "loraplex_step_requests": "histogram",
     "loraplex_step_tokens": "histogram",
     "loraplex_step_adapters": "histogram",
@@ -129,6 +134,7 @@ EXPECTED_FAMILIES = {
     "loraplex_adapter_holders": "gauge",
     "loraplex_adapter_load_duration_seconds": "histogram",
     "loraplex_adapter_requests": "counter",
+    "loraplex_denied_calls": "counter",
     "loraplex_build_info": "gauge",  # an Info, exposed as a gauge of 1
 }
 
@@ -139,7 +145,7 @@ def test_every_family_is_exposed_with_its_type_and_bounded_labels(server: Backgr
         assert types.get(name) == kind, name
     assert not [name for name in types if name.endswith("_created")]
     for reason in ("stop", "length", "aborted", "error"):
-        assert ("loraplex_requests_total", (("finish_reason", reason),)) in samples
+        assert ("loraplex_requests_total", (("finish_reason", reason), ("tenant", "(anonymous)"))) in samples
     for tier in ("host", "device"):
         for event in ("hits", "misses", "loads", "evictions"):
             assert (f"loraplex_adapter_store_{event}_total", (("tier", tier),)) in samples
@@ -148,7 +154,11 @@ def test_every_family_is_exposed_with_its_type_and_bounded_labels(server: Backgr
         assert ("loraplex_adapter_store_resident_adapters", (("tier", tier),)) in samples
     # No request ids, no adapter ids outside the opt-in top-N counter.
     label_names = {k for (name, labels) in samples for k, _ in labels}
-    assert label_names <= {"finish_reason", "tier", "adapter", "le", "version", "model_type", "quantization", "device"}
+    assert label_names <= {
+        "finish_reason", "tier", "adapter", "le", "version", "model_type", "quantization", "device", "tenant", "outcome"
+    }
+    # Without a tenants file every request is the one anonymous tenant's.
+    assert {v for (_, labels) in samples for k, v in labels if k == "tenant"} == {"(anonymous)"}
     engine = server.server.engine
     assert value(samples, "loraplex_kv_blocks_free") + value(samples, "loraplex_kv_blocks_used") == engine.blocks.num_blocks
     assert value(samples, "loraplex_adapter_store_budget_bytes", tier="host") == HOST_BUDGET

@@ -19,6 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import TinyModel, engine_config, wait_idle
+from loraplex.api.access import upload_home
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
@@ -175,10 +176,14 @@ def test_upload_message_sequences(
         sequence = [*parts, *sequence]
     code = _status(lambda: stub.UploadAdapter(iter(sequence), timeout=30))
     if code is not grpc.StatusCode.OK:
-        leftovers = [p for p in (root / ".uploads").rglob("*") if p.is_file()] if (root / ".uploads").exists() else []
+        # Upload files: the staging directory (<root>/.uploads) and the homes beside each id's
+        # own directory (access.upload_home: "a/b" -> a/.uploads/b/<content hash>).
+        leftovers = [p for p in root.rglob("*") if p.is_file() and ".uploads" in p.relative_to(root).parts]
         registered = {i.adapter_id for i in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters}
         # A failed upload leaves no file, except the homes of adapters it did not touch.
-        assert all(any(str(p.relative_to(root / ".uploads")).startswith(r + "/") for r in registered) for p in leftovers), leftovers
+        assert all(
+            any(str(p.relative_to(root)).startswith(upload_home(r) + "/") for r in registered) for p in leftovers
+        ), leftovers
 
 
 def test_uploads_serve_correctly_afterwards(stub: pb_grpc.LoraPlexStub, server: BackgroundServer, reference: list[int]) -> None:

@@ -215,6 +215,12 @@ def test_paths_must_stay_inside_the_root(tiny_llama: TinyModel, tmp_path: Path) 
     with pytest.raises(AdapterNotFoundError):
         store.resolve("nothing-here")
     assert store.register("ok", "good", relative_only=True).version >= 1
+    assert store.get("ok").path == "good"  # relative to its root: callers never see the server's paths
+    shutil.copytree(root / "good", root / "team" / "broken")
+    (root / "team" / "broken" / "adapter_config.json").write_text("[1]")
+    with pytest.raises(AdapterError) as err:
+        store.register("broken", "team/broken", relative_only=True)
+    assert str(err.value) == "team/broken: adapter_config.json must hold a JSON object"
     assert store.resolve("good").adapter_id == "good"  # auto-registered by directory name
     engine.close()
 
@@ -282,6 +288,8 @@ def test_adapter_that_fails_to_load_ends_its_requests_with_the_reason(tiny_llama
     ends = {o.request_id: o for o in outputs if o.finished}
     assert ends[failing].finish_reason == "error" and ends[failing].error_kind == "adapter"
     assert "NaN or Inf" in (ends[failing].error or "")
+    assert (ends[failing].error or "").startswith("bad: ")  # named relative to the root, as callers see it
+    assert str(root) not in (ends[failing].error or "")
     assert ends[healthy].finish_reason == "length"
     assert engine.store.get("bad").error is not None
     engine.close()

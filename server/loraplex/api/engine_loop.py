@@ -1,17 +1,23 @@
 """The engine on its own thread, and the bridge between its outputs and asyncio streams.
 
-    gRPC handler (event loop)                   worker thread        engine thread
-    stream(args) ─ adapter not registered yet? ─> resolve_adapter
-                 ─ add_request ────────────────────────────────────> inbox
-        ^                                                            step() ... step()
-        └── queue.put_nowait <── call_soon_threadsafe(dispatch, outputs)
+    handler (event loop)                          worker thread        engine thread
+    stream(args, caller) ─ quotas.admit(caller)
+                 ─ access.resolve(caller, id) ─ auto-register? ─> read + hash
+                 ─ add_request(tenant=caller) ───────────────────────────────> inbox
+        ^                                                                      step() ... step()
+        └── queue.put_nowait <── _dispatch(outputs) <── call_soon_threadsafe ──┘
+                                   └── quotas.charge(tenant, tokens)
+
+This is the one place a request's stream ends, whichever way (finished, failed, cancelled,
+disconnected, deadline, shutdown): its quota place is released in the `finally` here.
+Every transport (gRPC, HTTP) streams through it, so the tenant rules hold for all of them.
 
 No disk work on the event loop: a request that names an adapter directory not yet
 registered (auto-register) has it read and hashed on a worker thread first, and a chat is
 rendered with its template and tokenized there too. add_request
 itself runs on the loop, synchronously, so the request is in the engine's inbox before any
-abort of it can be. A handler that stops listening (client cancel, disconnect, deadline)
-aborts its request; the engine frees its KV blocks and adapter slot at the next step.
+abort of it can be. A handler that stops listening aborts its request; the engine frees its
+KV blocks and adapter slot at the next step.
 
 A handler that falls behind the engine (a busy event loop, a slow client) finds several
 outputs waiting: it sends a sample's run of them as one message (tokens and text joined), so the per-message
@@ -21,6 +27,8 @@ to the ones before it (an error must not swallow tokens already produced).
 `_streams` is the delivery table (request id -> its handler's queue), not a registry of
 requests: the engine's live requests are that. An id stays taken here until its handler
 has read its last output, so a retry reusing the id never receives the old one's output.
+Tokens are charged to tenants from every output, delivered or not (a request whose caller
+left still used them): generated tokens as they come, prompt tokens with the final output.
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 
 import grpc
 
+from loraplex.api.access import AdapterAccess
+from loraplex.api.auth import ANONYMOUS, Caller
 from loraplex.api.errors import ApiError
+from loraplex.api.quotas import Quotas
 from loraplex.api.validation import GenerateArgs
 from loraplex.engine.engine import Engine
 from loraplex.engine.prompts import ChatMessage
@@ -49,9 +60,13 @@ ADAPTER_WAIT_S = 0.005  # nothing ran: requests wait for adapters to load
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, event_loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, engine: Engine, event_loop: asyncio.AbstractEventLoop, quotas: Quotas | None = None
+    ) -> None:
         self.engine = engine
         self.event_loop = event_loop  # where outputs are handed to the handlers' streams
+        self.quotas = quotas or Quotas()
+        self.access = AdapterAccess(engine, self.quotas)
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -90,6 +105,8 @@ class EngineLoop:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
+            tokens = len(out.new_token_ids) + (out.usage.prompt_tokens if out.finished and out.usage else 0)
+            self.quotas.charge(out.tenant, tokens)
             queue = self._streams.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
@@ -114,40 +131,49 @@ class EngineLoop:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    async def resolve_adapter(self, adapter_id: str | None) -> AdapterVersion | None:
-        """The current version of an adapter id (None: the base model)."""
+    async def resolve_adapter(self, adapter_id: str | None, caller: Caller = ANONYMOUS) -> AdapterVersion | None:
+        """The current version of an adapter id for this caller (None: the base model); an id
+        outside its namespaces is NOT_FOUND as an unknown one (access.py)."""
         if adapter_id is None:
             return None
-        adapter = self.engine.lookup_adapter(adapter_id)
-        if adapter is None:  # auto-register reads and hashes the directory: a worker thread's job
-            adapter = await asyncio.to_thread(self.engine.resolve_adapter, adapter_id)
-        return adapter
+        return await self.access.resolve(caller, adapter_id)  # auto-register reads on a worker thread
 
-    async def tokenize(self, prompt: str | None, messages: Sequence[ChatMessage] | None, adapter_id: str | None) -> list[int]:
+    async def tokenize(
+        self, prompt: str | None, messages: Sequence[ChatMessage] | None, adapter_id: str | None,
+        caller: Caller = ANONYMOUS,
+    ) -> list[int]:
         """The prompt ids Generate would make of a prompt or a chat (Tokenize, POST /tokenize)."""
         if (prompt is None) == (messages is None):
             raise InvalidFieldError("prompt", "give exactly one of prompt and messages")
-        adapter = await self.resolve_adapter(adapter_id)  # an unknown id is NOT_FOUND, as in Generate
+        adapter = await self.resolve_adapter(adapter_id, caller)  # an unknown id is NOT_FOUND, as in Generate
         if messages is not None:
             return await asyncio.to_thread(self.engine.chat_prompt_ids, messages, adapter)
         return await asyncio.to_thread(self.engine.prompts.encode, prompt or "")
 
-    async def stream(self, args: GenerateArgs) -> AsyncGenerator[RequestOutput, None]:
-        """Add a request and yield its outputs until it finishes (every sample of it, with
-        n > 1: their outputs interleave, told apart by index); abort it if left early."""
+    async def stream(self, args: GenerateArgs, caller: Caller = ANONYMOUS) -> AsyncGenerator[RequestOutput, None]:
+        """Add a request for this caller and yield its outputs until it finishes (every sample
+        of it, with n > 1: their outputs interleave, told apart by index); abort it if left early.
+
+        Raises AccessError over a tenant limit, HiddenAdapterError for an adapter outside the
+        caller's namespaces, and what add_request raises.
+        """
         rid = args.request_id or new_request_id()
         if rid in self._streams:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight")
+        self.quotas.admit(caller)
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = queue
         added = finished = False
         try:
-            adapter = await self.resolve_adapter(args.adapter_id)
+            adapter = await self.resolve_adapter(args.adapter_id, caller)
             prompt_ids = args.prompt_token_ids
             if args.messages is not None:  # Jinja and the tokenizer: a worker thread's job too
                 prompt_ids = await asyncio.to_thread(self.engine.chat_prompt_ids, args.messages, adapter)
             # Synchronous on purpose: the request is in the engine's inbox before any abort can be.
-            self.engine.add_request(args.prompt, args.params, None, rid, prompt_token_ids=prompt_ids, adapter=adapter)
+            self.engine.add_request(
+                args.prompt, args.params, None, rid, prompt_token_ids=prompt_ids, adapter=adapter, tenant=caller.name,
+                weight=caller.tenant.weight if caller.tenant is not None else 1.0, priority=args.priority,
+            )
             added = True
             pending: RequestOutput | None = None  # an output read while joining that cannot join, sent next
             unfinished = args.params.n
@@ -169,6 +195,7 @@ class EngineLoop:
                     return
         finally:
             del self._streams[rid]
+            self.quotas.release(caller)
             if added and not finished:
                 log.debug("request %s left before finishing: aborting it", rid, extra={"request_id": rid})
                 self.engine.abort(rid, ErrorKind.CANCELLED, "cancelled by the client")

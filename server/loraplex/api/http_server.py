@@ -8,6 +8,10 @@ uvicorn's Server takes SIGINT / SIGTERM for itself while it serves (and re-raise
 it stops); `_NoSignals` leaves them to loraplex's drain (api/server.py), which decides when
 HTTP stops. The socket is bound here, not by uvicorn: port 0 then reports the port the OS
 chose, and SO_REUSEADDR without SO_REUSEPORT never lets a second server share the port.
+
+With --tls-cert the HTTP door is HTTPS with the same certificate as gRPC, and with
+--tls-client-ca it requires client certificates from that CA too (mTLS): bearer tokens
+never cross the network in clear on one door while the other is encrypted.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -24,6 +30,13 @@ import uvicorn
 log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 5.0  # idle keep-alive connections; streams have ended before stop()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    cert: str  # PEM certificate chain
+    key: str  # PEM private key
+    client_ca: str | None = None  # PEM CA bundle: client certificates required (mTLS)
 
 
 class _NoSignals(uvicorn.Server):
@@ -48,11 +61,18 @@ def bind_exclusive(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, tls: TlsFiles | None = None) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
+        ssl_options: dict[str, Any] = {}
+        if tls is not None:
+            ssl_options = dict(ssl_certfile=tls.cert, ssl_keyfile=tls.key)
+            if tls.client_ca is not None:
+                ssl_options.update(ssl_ca_certs=tls.client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S), access_log=False
+            app, log_level="warning", lifespan="off", timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S), access_log=False,
+            **ssl_options,
         )
         self._server = _NoSignals(config)
         self._task: asyncio.Task[None] | None = None

@@ -3,15 +3,19 @@
     engine thread ── Engine.on_finish(request) ──> requests, tokens, latency histograms
                   ── EngineLoop.on_step(outputs) ─> inter-token latency, step histograms (Engine.last_step)
     loader thread ── StoreListener.on_load ───────> adapter load latency per tier
-    scrape (HTTP) ── StateCollector ──────────────> gauges from Engine.stats(), and the adapter
-                                                    store's own counters in it (they include
-                                                    what happened before the server started)
+    scrape (HTTP) ── StateCollector ──────────────> gauges from Engine.stats() (per tenant too:
+                                                    running, waiting, fair-share service), and
+                                                    the adapter store's own counters in it (they
+                                                    include what happened before the server started)
+
+    auth seam ───── Auth.on_denied(tenant, outcome) ─> denied calls
 
 A request with n > 1 samples counts as n requests (each sample finishes on its own), its
 prompt tokens once.
 
 Every name starts with `loraplex_`; counters end in `_total`, durations are `_seconds`.
-Labels stay bounded: finish_reason (4 values), tier (3), and — only with
+Labels stay bounded: finish_reason (4 values), tier (3), tenant (the names configured in
+the tenants file, everyone else as "(anonymous)"), outcome (4), and — only with
 `--metrics-top-adapters N` — adapter, held to the N busiest ids plus "(other)".
 
 Each Metrics owns its CollectorRegistry, so one process can run several servers (tests).
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -40,13 +44,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loraplex import __version__
-from loraplex.engine.request import FinishReason
+from loraplex.api.auth import Outcome
+from loraplex.engine.request import ANONYMOUS_TENANT, FinishReason
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from loraplex.api.engine_loop import EngineLoop
     from loraplex.engine.engine import Engine
+    from loraplex.engine.fair_share import TenantLoad
     from loraplex.engine.request import Request, RequestOutput
     from loraplex.lora.adapter_version import Tier
 
@@ -54,6 +60,7 @@ log = logging.getLogger(__name__)
 
 FINISH_REASONS = tuple(r.value for r in FinishReason)  # stop, length, aborted, error
 STORE_EVENTS = ("hits", "misses", "loads", "evictions")
+DENIALS = tuple(o.value for o in Outcome if o not in (Outcome.OK, Outcome.FAILED))  # the auth seam's refusals
 LOAD_TIERS = ("host", "device")  # host: read + validate from disk; device: copy into a slot
 BASE_LABEL = "(base)"  # parentheses never occur in an adapter id, so these cannot clash
 OTHER_LABEL = "(other)"
@@ -68,21 +75,43 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
+def _anonymous(name: str) -> str:
+    return ANONYMOUS_TENANT
+
+
 class Metrics:
-    def __init__(self, engine: Engine, *, top_adapters: int = 0) -> None:
+    def __init__(
+        self, engine: Engine, *, top_adapters: int = 0, tenant_label: Callable[[str], str] = _anonymous
+    ) -> None:
+        """tenant_label: a request's tenant name -> its label (auth.Auth.label: configured names only)."""
         if top_adapters < 0:
             raise ValueError(f"top_adapters must be >= 0, got {top_adapters}")
         self.engine = engine
+        self.tenant_label = tenant_label
         disable_created_metrics()  # no `_created` twin of every counter and histogram (process-wide)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loraplex_requests_total", "Finished requests by final status", ["finish_reason"], registry=r
+            "loraplex_requests_total", "Finished requests by final status and tenant", ["finish_reason", "tenant"],
+            registry=r,
         )
         for reason in FINISH_REASONS:
-            self.requests.labels(reason)
-        self.prompt_tokens = Counter("loraplex_prompt_tokens_total", "Prompt tokens of finished requests", registry=r)
-        self.generated_tokens = Counter("loraplex_generated_tokens_total", "Tokens generated and streamed", registry=r)
+            self.requests.labels(reason, ANONYMOUS_TENANT)
+        self.prompt_tokens = Counter(
+            "loraplex_prompt_tokens_total", "Prompt tokens of finished requests", ["tenant"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "loraplex_generated_tokens_total", "Tokens generated and streamed", ["tenant"], registry=r
+        )
+        self.denied = Counter(
+            "loraplex_denied_calls_total", "Calls refused by the auth seam: no token, hidden id, no right, tenant limit",
+            ["tenant", "outcome"], registry=r,
+        )
+        # Series exist from the start (rate() needs them); a tenant's appear with its first call.
+        self.prompt_tokens.labels(ANONYMOUS_TENANT)
+        self.generated_tokens.labels(ANONYMOUS_TENANT)
+        for outcome in DENIALS:
+            self.denied.labels(ANONYMOUS_TENANT, outcome)
         self.ttft = Histogram(
             "loraplex_time_to_first_token_seconds", "Arrival to first generated token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -95,8 +124,9 @@ class Metrics:
         )
         self.queue = Histogram(
             "loraplex_request_queue_time_seconds", "Arrival to first scheduled (or to the end, if never scheduled)",
-            buckets=LATENCY_BUCKETS, registry=r,
+            ["tenant"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.queue.labels(ANONYMOUS_TENANT)
         self.batch_size = Histogram(
             "loraplex_step_requests", "Batch size: requests in one engine step", buckets=BATCH_BUCKETS, registry=r
         )
@@ -125,7 +155,7 @@ class Metrics:
             "device": str(loaded.device),
         })
         ProcessCollector(registry=r)
-        r.register(StateCollector(engine))
+        r.register(StateCollector(engine, tenant_label))
 
         self._last_token: dict[tuple[str, int], float] = {}  # (request id, sample) -> time of its last token output
         self._attached: EngineLoop | None = None
@@ -188,11 +218,12 @@ class Metrics:
         usage = request.usage()
         reason = request.status.finish_reason
         assert reason is not None
-        self.requests.labels(reason.value).inc()
+        tenant = self.tenant_label(request.tenant)
+        self.requests.labels(reason.value, tenant).inc()
         if request.index == 0:  # the samples of one request share its prompt
-            self.prompt_tokens.inc(usage.prompt_tokens)
+            self.prompt_tokens.labels(tenant).inc(usage.prompt_tokens)
         self.e2e.observe(now - request.arrival_time)
-        self.queue.observe(usage.queue_time_s)
+        self.queue.labels(tenant).observe(usage.queue_time_s)
         if usage.time_to_first_token_s is not None:
             self.ttft.observe(usage.time_to_first_token_s)
         if self.adapter_requests is not None:
@@ -200,18 +231,18 @@ class Metrics:
 
     def on_step(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
-        generated = 0
+        generated: dict[str, int] = {}
         for out in outputs:
             if out.new_token_ids:
-                generated += len(out.new_token_ids)
+                generated[out.tenant] = generated.get(out.tenant, 0) + len(out.new_token_ids)
                 last = self._last_token.get((out.request_id, out.index))
                 if last is not None:
                     self.itl.observe(now - last)
                 self._last_token[(out.request_id, out.index)] = now
             if out.finished:
                 self._last_token.pop((out.request_id, out.index), None)
-        if generated:
-            self.generated_tokens.inc(generated)
+        for tenant, n in generated.items():
+            self.generated_tokens.labels(self.tenant_label(tenant)).inc(n)
         step = self.engine.last_step
         if step is not None and step.num_requests:
             self.batch_size.observe(step.num_requests)
@@ -220,6 +251,10 @@ class Metrics:
             self.step_duration.observe(step.duration_s)
         if step is not None and step.num_preempted:
             self.preemptions.inc(step.num_preempted)
+
+    def on_denied(self, tenant_label: str, outcome: str) -> None:
+        """A call refused by the auth seam (event loop); the label is already bounded."""
+        self.denied.labels(tenant_label, str(outcome)).inc()
 
     # -- StoreListener (loader and engine threads) ----------------------------------------
 
@@ -268,8 +303,9 @@ class TopAdapters:
 class StateCollector(Collector):
     """Gauges that mirror live state, and the adapter store's counters, read per scrape."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tenant_label: Callable[[str], str] = _anonymous) -> None:
         self.engine = engine
+        self.tenant_label = tenant_label
 
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats()
@@ -277,6 +313,7 @@ class StateCollector(Collector):
         yield _gauge(
             "loraplex_requests_waiting", "Requests queued for KV blocks, a batch seat or their adapter", stats.waiting
         )
+        yield from self._tenants(stats.tenants)
         yield _gauge("loraplex_kv_blocks_used", "KV-cache blocks held by sequences", stats.kv_blocks_used)
         yield _gauge("loraplex_kv_blocks_free", "KV-cache blocks free (cached ones no request holds included)", stats.kv_blocks_free)
         cache = stats.prefix_cache
@@ -330,6 +367,29 @@ class StateCollector(Collector):
         )
         registrations.add_metric([], snap.counters.get(("registered", "registrations"), 0))
         yield registrations
+
+
+    def _tenants(self, loads: Mapping[str, TenantLoad]) -> Iterator[Metric]:
+        """Per tenant label (configured names; everyone else summed as one): the scheduler's view."""
+        running = GaugeMetricFamily("loraplex_tenant_requests_running", "Requests in the running batch, by tenant", labels=["tenant"])
+        waiting = GaugeMetricFamily("loraplex_tenant_requests_waiting", "Requests queued, by tenant", labels=["tenant"])
+        service = GaugeMetricFamily(
+            "loraplex_tenant_service", "Fair share: weighted tokens served (prompt x 1 + generated x 2) / weight, "
+            "lifted when a tenant becomes active (engine/fair_share.py)", labels=["tenant"],
+        )
+        totals: dict[str, list[float]] = {ANONYMOUS_TENANT: [0, 0, 0.0]}
+        for name, load in loads.items():
+            row = totals.setdefault(self.tenant_label(name), [0, 0, 0.0])
+            row[0] += load.running
+            row[1] += load.waiting
+            row[2] += load.counter
+        for label, (run, wait, counter) in sorted(totals.items()):
+            running.add_metric([label], run)
+            waiting.add_metric([label], wait)
+            service.add_metric([label], counter)
+        yield running
+        yield waiting
+        yield service
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.api.auth import ANONYMOUS, Caller
 from loraplex.api.engine_loop import EngineLoop
 from loraplex.api.errors import ended_status
 from loraplex.api.validation import GenerateArgs
@@ -37,16 +38,16 @@ class Choices:
     order outputs arrive. Every request has the same params.n; the choices number
     len(requests) * n."""
 
-    def __init__(self, engine_loop: EngineLoop, requests: Sequence[GenerateArgs]) -> None:
+    def __init__(self, engine_loop: EngineLoop, requests: Sequence[GenerateArgs], caller: Caller = ANONYMOUS) -> None:
         self._queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
         self.n = sum(args.params.n for args in requests)
         self._open = self.n
-        self._tasks = [asyncio.create_task(self._pump(p, engine_loop, args)) for p, args in enumerate(requests)]
+        self._tasks = [asyncio.create_task(self._pump(p, engine_loop, args, caller)) for p, args in enumerate(requests)]
 
-    async def _pump(self, prompt: int, engine_loop: EngineLoop, args: GenerateArgs) -> None:
+    async def _pump(self, prompt: int, engine_loop: EngineLoop, args: GenerateArgs, caller: Caller) -> None:
         first = prompt * args.params.n  # prompt p's sample i is choice p * n + i
         try:
-            async for out in engine_loop.stream(args):
+            async for out in engine_loop.stream(args, caller):
                 self._queue.put_nowait((first + out.index, out, None))
         except Exception as e:
             self._queue.put_nowait((first, None, e))

@@ -13,6 +13,7 @@ official SDK turns into its typed exceptions (404 -> NotFoundError, 400 -> BadRe
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,7 +61,7 @@ class HttpError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}  # whole seconds, never early
 
     def sse(self) -> str:
         """As the last event of a stream that already started (the SDK raises it as APIError)."""
@@ -97,6 +98,7 @@ class SamplingBody(Body):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = False  # each choice's generated token ids, as vLLM's `token_ids`
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower first, among the caller's own requests
     # accepted only at their neutral values
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from loraplex.api.auth import Caller
 from loraplex.api.openai_front import OpenAIFront
 from loraplex.api.openai_generate import (
     Choices,
@@ -131,36 +132,42 @@ def _prompt_ids(rid: str, count: int) -> list[str]:
     return [rid] if count == 1 else [f"{rid}-{i}" for i in range(count)]
 
 
-async def _completions(front: OpenAIFront, request: Request, body: CompletionBody, caller: Any) -> Response:
+async def _completions(front: OpenAIFront, request: Request, body: CompletionBody, caller: Caller) -> Response:
     _check_neutral(body)
-    adapter_id = front.adapter_for(body.model, caller)
+    adapter_id = front.adapter_for(body.model)
     prompts = _prompts(body.prompt)
     if len(prompts) * body.n > MAX_CHOICES:
         raise bad_field("n", f"{len(prompts)} prompts x n={body.n} choices; at most {MAX_CHOICES} in one request")
     rid = _request_id(request)
     ids = _prompt_ids(rid, len(prompts))
     params = _params(front, body, body.max_tokens, body.logprobs)
-    requests = [GenerateArgs(text, tokens, adapter_id, params, ids[p]) for p, (text, tokens) in enumerate(prompts)]
+    requests = [
+        GenerateArgs(text, tokens, adapter_id, params, ids[p], priority=body.priority) for p, (text, tokens) in enumerate(prompts)
+    ]
     shape = _Shape(front, body, f"cmpl-{rid}", "text_completion", chat=False)
-    return await _respond(front, request, body, requests, shape)
+    return await _respond(front, request, body, requests, shape, caller)
 
 
-async def _chat(front: OpenAIFront, request: Request, body: ChatCompletionBody, caller: Any) -> Response:
+async def _chat(front: OpenAIFront, request: Request, body: ChatCompletionBody, caller: Caller) -> Response:
     _check_neutral(body)
-    adapter_id = front.adapter_for(body.model, caller)
+    adapter_id = front.adapter_for(body.model)
     messages = tuple(m.to_message() for m in body.messages)
     if sum(len(m.content) for m in messages) > MAX_PROMPT_CHARS:
         raise bad_field("messages", f"messages: longer than {MAX_PROMPT_CHARS} characters in all")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     rid = _request_id(request)
-    requests = [GenerateArgs(None, None, adapter_id, _params(front, body, max_tokens, logprobs), rid, messages)]
+    requests = [
+        GenerateArgs(None, None, adapter_id, _params(front, body, max_tokens, logprobs), rid, messages, priority=body.priority)
+    ]
     shape = _Shape(front, body, f"chatcmpl-{rid}", "chat.completion", chat=True)
-    return await _respond(front, request, body, requests, shape)
+    return await _respond(front, request, body, requests, shape, caller)
 
 
-async def _respond(front: OpenAIFront, request: Request, body: SamplingBody, requests: list[GenerateArgs], shape: _Shape) -> Response:
-    choices = Choices(front.engine_loop, requests)
+async def _respond(
+    front: OpenAIFront, request: Request, body: SamplingBody, requests: list[GenerateArgs], shape: _Shape, caller: Caller
+) -> Response:
+    choices = Choices(front.engine_loop, requests, caller)  # prompts x n choices, each prompt one engine request
     n = choices.n
     try:
         first = await unless_disconnected(request.receive, first_outputs(choices, n))

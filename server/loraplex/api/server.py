@@ -1,10 +1,12 @@
-"""The gRPC server around one engine: service, health, reflection, auth, warm-up and drain.
+"""The gRPC server around one engine: service, health, reflection, auth, TLS, warm-up and drain.
 
-Start-up:  (the caller loads the engine) → preload → bind /metrics, gRPC and the
-           OpenAI-compatible HTTP API, each port exclusively (a taken one: StartupError) →
-           listen (liveness SERVING) → warm up one request → readiness SERVING (and HTTP
-           /health 200) → SIGTERM / SIGINT now drain.
-Running:   a watchdog turns readiness NOT_SERVING while the engine loop makes no progress.
+Start-up:  (the caller reads the tenants file, then loads the engine) → preload → bind
+           /metrics, gRPC (over TLS with --tls-cert) and the OpenAI-compatible HTTP API, each
+           port exclusively (a taken one: StartupError) → listen (liveness SERVING) → warm up
+           one request → readiness SERVING (and HTTP /health 200) → SIGTERM / SIGINT now drain.
+Running:   a watchdog turns readiness NOT_SERVING while the engine loop makes no progress;
+           SIGHUP reloads the tenants file (auth.Auth.reload: streams in flight go on).
+           Both doors identify callers through the one auth seam (auth.Auth).
 Shutdown:  SIGTERM/SIGINT → readiness NOT_SERVING, new calls UNAVAILABLE (HTTP 503), in-flight
            streams of both doors get up to drain_timeout to finish, the rest end UNAVAILABLE
            (an error event on an HTTP stream), then HTTP and gRPC stop listening, exit 0.
@@ -28,15 +30,17 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from loraplex import startup
-from loraplex.api.auth import AuthInterceptor
+from loraplex.api.auth import Auth
 from loraplex.api.decode_guard import DecodeGuard
 from loraplex.api.engine_loop import EngineLoop
+from loraplex.api.grpc_auth import AuthInterceptor
 from loraplex.api.http_app import build_app
-from loraplex.api.http_server import HttpServer
+from loraplex.api.http_server import HttpServer, TlsFiles
 from loraplex.api.metrics import Metrics
 from loraplex.api.openai_front import OpenAIFront
+from loraplex.api.quotas import Quotas
 from loraplex.api.service import SHUTDOWN_REASON, LoraPlexService
-from loraplex.config import ANY_PORT, ServerConfig
+from loraplex.config import ANY_PORT, ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import ErrorKind
 from loraplex.lora.adapter_spec import AdapterError
@@ -53,10 +57,32 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WATCHDOG_PERIOD_S = 0.5
 
 
+def server_credentials(api: ApiConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert / --tls-key, requiring client certificates signed by
+    --tls-client-ca when given (mTLS); None without --tls-cert (plaintext)."""
+    if api.tls_cert is None or api.tls_key is None:
+        return None
+
+    def read(option: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise startup.StartupError(f"--{option.replace('_', '-')}: cannot read {path}: {e.strerror}") from None
+
+    client_ca = read("tls_client_ca", api.tls_client_ca) if api.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read("tls_key", api.tls_key), read("tls_cert", api.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class Server:
-    def __init__(self, config: ServerConfig, engine: Engine) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine, auth: Auth | None = None) -> None:
+        """auth: the tenants and tokens; by default read from config.api (TenantFileError if unusable)."""
         self.config = config
         self.engine = engine
+        self.auth = auth or Auth.from_options(config.api.tenants_file, config.api.auth_tokens)
         self.health = HealthServicer()
         self.port = 0
         self.ready = False
@@ -87,25 +113,31 @@ class Server:
 
     async def _start(self) -> int:
         api = self.config.api
-        self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop())
-        self.service = LoraPlexService(self.engine_loop, self.config)
+        credentials = server_credentials(api)
+        self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop(), Quotas())
+        self.service = LoraPlexService(self.engine_loop, self.config, self.auth)
         if api.metrics_port:
-            self.metrics = Metrics(self.engine, top_adapters=api.metrics_top_adapters)
+            self.metrics = Metrics(self.engine, top_adapters=api.metrics_top_adapters, tenant_label=self.auth.label)
             with startup.binding("metrics", api.host, api.metrics_port, "--metrics-port"):
                 self.metrics_port = self.metrics.serve(api.host, api.metrics_port)
             self.metrics.attach(self.engine_loop)  # before the loop starts: warm-up counts too
+            self.auth.on_denied = self.metrics.on_denied
         if api.http_port:
             self._bind_http()
         # grpc sets SO_REUSEPORT by default: a second server on the port would start and take
         # half of the calls. Without it a taken port fails the bind, which grpc reports as a
         # RuntimeError (or port 0, in older versions) without the reason: bind_failed finds it.
-        server = grpc.aio.server(interceptors=[AuthInterceptor(api.auth_tokens), DecodeGuard()], options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=[AuthInterceptor(self.auth), DecodeGuard()], options=[("grpc.so_reuseport", 0)])
         self._grpc = server
         pb_grpc.add_LoraPlexServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+        address = f"{api.host}:{api.port}"
         try:
-            self.port = server.add_insecure_port(f"{api.host}:{api.port}")
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -115,24 +147,27 @@ class Server:
         await self.health.set(SERVICE_NAME, NOT_SERVING)  # not ready before warm-up
         await server.start()
         self._grpc_started = True
+        tls = "plaintext" if credentials is None else "TLS, client certificates required" if api.tls_client_ca else "TLS"
         if self.http is not None:
             await self.http.start()
             assert self.http_front is not None
             log.info(
-                "listening on %s:%d (OpenAI-compatible HTTP API, model %r)", api.host, self.http_port,
-                self.http_front.served_model_name,
+                "listening on %s:%d (OpenAI-compatible HTTP API, model %r; %s)", api.host, self.http_port,
+                self.http_front.served_model_name, tls,
             )
         self._watchdog = asyncio.create_task(self._watch())
-        log.info("listening on %s:%d (gRPC %s, health, reflection)", api.host, self.port, SERVICE_NAME)
+        log.info("listening on %s:%d (gRPC %s, health, reflection; %s)", api.host, self.port, SERVICE_NAME, tls)
+        log.log(logging.WARNING if self.auth.open else logging.INFO, "auth: %s", self.auth.describe())
         return self.port
 
     def _bind_http(self) -> None:
         api = self.config.api
         assert self.engine_loop is not None
         name = api.served_model_name or Path(self.engine.loaded.path).name
-        self.http_front = OpenAIFront(self.engine_loop, name, api.auth_tokens)
+        self.http_front = OpenAIFront(self.engine_loop, name, self.auth)
         port = 0 if api.http_port == ANY_PORT else api.http_port  # the socket's own 0: the OS picks
-        self.http = HttpServer(build_app(self.http_front), api.host, port)
+        tls = None if api.tls_cert is None or api.tls_key is None else TlsFiles(api.tls_cert, api.tls_key, api.tls_client_ca)
+        self.http = HttpServer(build_app(self.http_front), api.host, port, tls)
         with startup.binding("HTTP", api.host, port, "--http-port"):
             self.http_port = self.http.bind()
 
@@ -220,13 +255,19 @@ class Server:
         await self.drain(0.0)
 
 
-async def serve(config: ServerConfig, engine: Engine, *, preload: dict[str, str] | None = None) -> int:
-    """Preload, bind, warm up, then run until SIGTERM / SIGINT and drain. Returns the exit code.
+async def serve(
+    config: ServerConfig, engine: Engine, *, preload: dict[str, str] | None = None, auth: Auth | None = None
+) -> int:
+    """Preload, bind, warm up, then run until SIGTERM / SIGINT and drain; SIGHUP reloads the
+    tenants file. Returns the exit code. `auth`: read by the caller before the model loaded
+    (a bad tenants file stops it early); by default read here.
 
     Until the server is ready nothing needs draining: SIGINT raises KeyboardInterrupt as it
     does anywhere (the CLI reports it in one line) and SIGTERM ends the process.
     """
     try:
+        auth = auth or Auth.from_options(config.api.tenants_file, config.api.auth_tokens)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, auth.reload)
         for adapter_id, path in (preload or {}).items():
             try:
                 await asyncio.to_thread(engine.register_adapter, adapter_id, path)
@@ -234,7 +275,7 @@ async def serve(config: ServerConfig, engine: Engine, *, preload: dict[str, str]
                 raise startup.StartupError(
                     f"--preload {adapter_id}={path}: {e}", "give a directory relative to --adapter-root, or drop the --preload"
                 ) from e
-        server = Server(config, engine)
+        server = Server(config, engine, auth)
         await server.start()
         try:
             await server.warm_up()

@@ -1,4 +1,10 @@
-"""The LoraPlex gRPC service: generation, streaming, and adapter management."""
+"""The LoraPlex gRPC service: generation, streaming, and adapter management.
+
+Each handler takes its caller from the auth seam (auth.current_caller, set by the
+interceptor) and goes through the engine loop's stream (generation) or AdapterAccess
+(adapters), where the tenant rules are applied; refusals come back as typed errors, mapped
+to statuses in `_abort`, which also writes the denial's audit line.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,15 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from loraplex import __version__
-from loraplex.api.auth import current_caller, resolve_adapter_id
+from loraplex.api.access import upload_home
+from loraplex.api.auth import Auth, current_caller
 from loraplex.api.engine_loop import EngineLoop
-from loraplex.api.errors import ApiError, ended_status, invalid, status_of
+from loraplex.api.errors import ApiError, ended_status, invalid, rich_status, status_of
 from loraplex.api.uploads import Upload
 from loraplex.api.validation import MAX_PROMPT_CHARS, GenerateArgs, messages_from_proto, parse_generate
 from loraplex.config import ServerConfig
@@ -41,10 +47,14 @@ SHUTDOWN_REASON = "the server is shutting down"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+async def _abort(service: LoraPlexService, context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
     code, message = status_of(error)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method, exc_info=error)
+    service.auth.denied(current_caller(), method, error)
+    details = rich_status(error)
+    if details is not None:
+        await context.abort_with_status(details)
     await context.abort(code, message)
 
 
@@ -64,7 +74,7 @@ def unary(method: F) -> F:
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as e:
-            await _abort(context, e, method.__name__)
+            await _abort(self, context, e, method.__name__)
 
     return run  # type: ignore[return-value]
 
@@ -81,7 +91,7 @@ def streaming(method: F) -> F:
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as e:
-            await _abort(context, e, method.__name__)
+            await _abort(self, context, e, method.__name__)
 
     return run  # type: ignore[return-value]
 
@@ -115,9 +125,11 @@ def _usage(finals: dict[int, RequestOutput], started: float) -> pb.Usage:
 
 
 class LoraPlexService(pb_grpc.LoraPlexServicer):
-    def __init__(self, engine_loop: EngineLoop, config: ServerConfig) -> None:
+    def __init__(self, engine_loop: EngineLoop, config: ServerConfig, auth: Auth | None = None) -> None:
         self.engine_loop = engine_loop
         self.engine: Engine = engine_loop.engine
+        self.access = engine_loop.access
+        self.auth = auth or Auth()
         self.config = config
         self.ready = False
         self.draining = False  # set by Server.drain: new calls get UNAVAILABLE
@@ -126,11 +138,10 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
 
     def _args(self, request: pb.GenerateRequest) -> GenerateArgs:
         args = parse_generate(request, max_model_len=self.engine.max_model_len)
-        adapter_id = None if args.adapter_id is None else resolve_adapter_id(current_caller(), args.adapter_id)
         # The id is fixed here so that every log line of this call names it (logs.current_request_id).
         request_id = args.request_id or new_request_id()
         current_request_id.set(request_id)
-        return dataclasses.replace(args, adapter_id=adapter_id, request_id=request_id)
+        return dataclasses.replace(args, request_id=request_id)
 
     @unary
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -141,7 +152,7 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[pb.TokenLogprob]] = [[] for _ in range(n)]
         finals: dict[int, RequestOutput] = {}
-        async for out in self.engine_loop.stream(args):
+        async for out in self.engine_loop.stream(args, current_caller()):
             text[out.index].append(out.new_text)
             tokens[out.index].extend(out.new_token_ids)
             logprobs[out.index].extend(_logprobs(out))
@@ -179,7 +190,7 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         started = time.monotonic()
         args = self._args(request)
         finals: dict[int, RequestOutput] = {}
-        async for out in self.engine_loop.stream(args):
+        async for out in self.engine_loop.stream(args, current_caller()):
             if not out.finished:
                 if out.new_token_ids or out.new_text:
                     yield pb.GenerateStreamResponse(
@@ -211,9 +222,9 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         adapter_id = None
         if request.adapter_id:
             check_adapter_id(request.adapter_id)
-            adapter_id = resolve_adapter_id(current_caller(), request.adapter_id)
+            adapter_id = request.adapter_id
         messages = messages_from_proto(request.messages)
-        ids = await self.engine_loop.tokenize(request.prompt or None, messages, adapter_id)
+        ids = await self.engine_loop.tokenize(request.prompt or None, messages, adapter_id, current_caller())
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
     # -- adapters ----------------------------------------------------------------------------
@@ -222,14 +233,9 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         if not adapter_id:
             raise invalid("adapter_id", "is required")
         check_adapter_id(adapter_id)
-        return resolve_adapter_id(current_caller(), adapter_id)
+        return adapter_id
 
     def _info(self, info: AdapterInfo) -> pb.AdapterInfo:
-        path = info.path
-        for root in self.engine.adapter_roots:
-            if Path(path).is_relative_to(root):
-                path = str(Path(path).relative_to(root))
-                break
         s = info.stats
         return pb.AdapterInfo(
             adapter_id=info.adapter_id,
@@ -243,7 +249,7 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
             error=info.error or "",
             active_requests=info.active_requests,
             content_hash=info.content_hash,
-            path=path,
+            path=info.path,  # relative to its adapter root
             stats=pb.AdapterStats(
                 requests=s.requests, host_hits=s.host_hits, host_misses=s.host_misses, device_hits=s.device_hits,
                 device_misses=s.device_misses, loads=s.loads, evictions=s.evictions, last_used_unix=s.last_used,
@@ -254,11 +260,9 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
     @unary
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
         adapter_id = self._adapter_id(request.adapter_id)
-        if not request.path:
-            raise invalid("path", "is required (a directory relative to the adapter root)")
         # Reading and hashing the files is disk work: off the event loop.
         info = await asyncio.to_thread(
-            self.engine.register_adapter, adapter_id, request.path, pin=request.pin, relative_only=True
+            self.access.register, current_caller(), "LoadAdapter", adapter_id, request.path, pin=request.pin
         )
         return self._info(info)
 
@@ -269,16 +273,20 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         roots = self.engine.adapter_roots
         if not roots:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "no adapter root is configured for uploads")
+        caller = current_caller()
         limit = self.config.engine.lora.max_upload_bytes
         upload = Upload(roots[0])
         try:
             header: pb.UploadAdapterHeader | None = None
+            adapter_id = ""
             received = 0
             async for part in request_iterator:
                 if part.HasField("header"):
                     if header is not None:
                         raise invalid("header", "sent twice")
                     header = part.header
+                    adapter_id = self._adapter_id(header.adapter_id)
+                    self.access.before_upload(caller, adapter_id)  # refused before a byte is stored
                     continue
                 if header is None:
                     raise invalid("header", "the first message must be the header with adapter_id")
@@ -291,15 +299,15 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
                 upload.write(chunk.filename, chunk.data)
             if header is None:
                 raise invalid("header", "missing")
-            adapter_id = self._adapter_id(header.adapter_id)
             missing = [f for f in UPLOAD_FILES if f not in upload.names]
             if missing:
                 raise invalid("chunk.filename", f"missing {', '.join(missing)}")
-            # Immutable, content-addressed home: an older version stays readable while in use.
-            rel = await asyncio.to_thread(upload.commit, adapter_id)
+            # Immutable, content-addressed home beside the id's own directory (so inside the
+            # namespaces that own the id): an older version stays readable while in use.
+            rel = await asyncio.to_thread(upload.commit, upload_home(adapter_id))
             try:
                 info = await asyncio.to_thread(
-                    self.engine.register_adapter, adapter_id, str(rel), pin=header.pin, relative_only=True
+                    self.access.register, caller, "UploadAdapter", adapter_id, str(rel), pin=header.pin
                 )
             except BaseException:
                 upload.discard()  # refused (or the call ended): no files stay behind
@@ -323,18 +331,20 @@ class LoraPlexService(pb_grpc.LoraPlexServicer):
         def on_released() -> None:  # now, or from the engine thread when the last holder finishes
             loop.call_soon_threadsafe(set_released)
 
-        in_use = self.engine.unregister_adapter(adapter_id, force=request.force, on_released=on_released)
+        in_use = self.access.unregister(
+            current_caller(), "UnloadAdapter", adapter_id, force=request.force, on_released=on_released
+        )
         # New requests already get NOT_FOUND; wait for the ones holding it (or their abort).
         await released
         return pb.UnloadAdapterResponse(adapter_id=adapter_id, aborted_requests=in_use if request.force else 0)
 
     @unary
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
-        return pb.ListAdaptersResponse(adapters=[self._info(i) for i in self.engine.adapter_infos()])
+        return pb.ListAdaptersResponse(adapters=[self._info(i) for i in self.access.visible(current_caller())])
 
     @unary
     async def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
-        return self._info(self.engine.adapter_info(self._adapter_id(request.adapter_id)))
+        return self._info(self.access.get(current_caller(), self._adapter_id(request.adapter_id)))
 
     @unary
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

@@ -1,7 +1,7 @@
 """Storing an UploadAdapter stream: a private temporary directory, then a content-addressed home.
 
-    UploadAdapter ── Upload(root) ── write(name, data) ... ── commit(adapter_id) ──> register
-                        │ .uploads/upload-XXXX/          .uploads/<adapter_id>/<content hash>/
+    UploadAdapter ── Upload(root) ── write(name, data) ... ── commit(home) ──> register
+                        │ .uploads/upload-XXXX/          <ns>/.uploads/<name>/<content hash>/
                         └── close(): the temporary directory goes, whatever happened
 
 Nothing partial stays on disk: a stream that fails (bad message, over the cap, the client
@@ -76,12 +76,13 @@ class Upload:
         if error is not None:
             raise storage_error(error, "closing its files")
 
-    def commit(self, adapter_id: str) -> Path:
-        """Close the files and move them to their content-addressed home; returns the home
+    def commit(self, home: str) -> Path:
+        """Close the files and move them to their content-addressed home under `home` (relative
+        to the root: access.upload_home, inside the id's own namespace); returns the home
         relative to the root. An id uploaded again with the same content reuses the home."""
         self._close_files()
         digest = hash_adapter_files(self.tmp)
-        final = self.uploads / adapter_id / digest
+        final = self.root / home / digest
         if not final.exists():
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)

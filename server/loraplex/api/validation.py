@@ -34,6 +34,7 @@ class GenerateArgs:
     params: SamplingParams
     request_id: str | None
     messages: tuple[ChatMessage, ...] | None = None  # instead of a prompt: rendered with the adapter's chat template
+    priority: int = 0  # lower first, among the caller's own requests only (engine/fair_share.py)
 
 
 def parse_generate(req: pb.GenerateRequest, *, max_model_len: int) -> GenerateArgs:
@@ -62,6 +63,7 @@ def parse_generate(req: pb.GenerateRequest, *, max_model_len: int) -> GenerateAr
         params,
         req.request_id or None,
         messages,
+        req.priority,
     )
 
 

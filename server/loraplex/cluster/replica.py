@@ -68,6 +68,7 @@ class Replica:
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self, config: ServerConfig, max_adapters_per_replica: int, log_level: str = "info"
     ) -> None:
+        from loraplex.api.auth import Auth
         from loraplex.api.engine_loop import EngineLoop
         from loraplex.api.http_app import build_app
         from loraplex.api.openai_front import OpenAIFront
@@ -81,9 +82,11 @@ class Replica:
         self.engine: Engine = await asyncio.to_thread(Engine, config.engine)
         self.engine_loop: EngineLoop = EngineLoop(self.engine, asyncio.get_running_loop())
         self.engine_loop.start()
-        self.service: LoraPlexService = LoraPlexService(self.engine_loop, config)
-        # The OpenAI API's own app over this engine loop; the cluster checks no tokens (app.py).
-        self.http_front = OpenAIFront(self.engine_loop, served_model_name(config), ())
+        # The cluster checks no tokens (app.py): an open Auth, every caller anonymous.
+        auth = Auth()
+        self.service: LoraPlexService = LoraPlexService(self.engine_loop, config, auth)
+        # The OpenAI API's own app over this engine loop.
+        self.http_front = OpenAIFront(self.engine_loop, served_model_name(config), auth)
         self.http_app = build_app(self.http_front)
         roots = self.engine.adapter_roots
         self.registry = AdapterRegistry(roots[0]) if roots else None

@@ -35,6 +35,7 @@ from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.prompts import ChatMessage, Prompts
 from loraplex.engine.request import (
+    ANONYMOUS_TENANT,
     CompletionResult,
     ErrorKind,
     Request,
@@ -128,10 +129,16 @@ class Engine:
         *,
         prompt_token_ids: Sequence[int] | None = None,
         adapter: AdapterVersion | None = None,
+        tenant: str = ANONYMOUS_TENANT,
+        weight: float = 1.0,
+        priority: int = 0,
     ) -> str:
         """Queue a request; returns its id. `adapter` is a version from resolve_adapter, given
         instead of adapter_id when the caller resolved it off its own thread (the API does).
         With params.n > 1, its samples share the id (RequestOutput.index tells them apart).
+        `tenant` names whose request it is (the API's caller) and `weight` that tenant's share
+        when tenants compete (the scheduler's fair share); `priority` (lower first) orders it
+        among the same tenant's requests only.
 
         Raises InvalidFieldError on bad input, AdapterNotFoundError for an unknown adapter,
         EngineOverloadedError when the queue is full, DuplicateRequestError for an id in flight.
@@ -149,6 +156,9 @@ class Engine:
             prompt_token_ids=ids,
             params=params,
             adapter_id=adapter.adapter_id if adapter is not None else None,
+            tenant=tenant,
+            weight=weight,
+            priority=priority,
             adapter=adapter,
             eos_token_ids=frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
             detokenizer=Detokenizer(self.tokenizer, ids, params.stop),
@@ -220,6 +230,7 @@ class Engine:
             adapters=adapters,
             adapter_slot_bytes=self.lora.pool_bytes // max(1, adapters.device_slots),
             last_step=self.last_step,
+            tenants=self.scheduler.tenant_loads,  # replaced, never changed, by each step: safe to read here
         )
 
     def wake(self) -> None:
@@ -247,6 +258,7 @@ class Engine:
             except Exception:
                 log.exception("step failed for %d requests; running them one by one", len(batch))
                 self._run_isolated(batch, outputs)
+        self.scheduler.record_loads()
         self.last_step = StepStats(
             len(batch), batch.num_tokens, num_adapters, len(batch.preempted), time.perf_counter() - start, num_decodes
         )
@@ -308,7 +320,10 @@ class Engine:
                 status = RequestStatus.FINISHED_LENGTH
             if status is None:
                 outputs.append(
-                    RequestOutput(request.request_id, [token], text, finished=False, logprobs=logprobs, index=request.index)
+                    RequestOutput(
+                        request.request_id, [token], text, finished=False, logprobs=logprobs, index=request.index,
+                        tenant=request.tenant,
+                    )
                 )
             else:
                 outputs.append(self._finish(request, status, [token], text, logprobs))
@@ -345,6 +360,7 @@ class Engine:
             adapter_version=request.adapter.version if request.adapter is not None else None,
             logprobs=logprobs,
             index=request.index,
+            tenant=request.tenant,
         )
 
     # -- whole runs ------------------------------------------------------------------------

@@ -72,6 +72,11 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
 
+# Whose a request is: a name the API gives (the tenant's); requests from callers without one
+# (library use, a server without tenants, admin tokens) share this name. Parentheses never
+# occur in a tenant's name.
+ANONYMOUS_TENANT = "(anonymous)"
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_SAMPLES = 16  # n
@@ -140,6 +145,9 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_id: str | None = None
+    tenant: str = ANONYMOUS_TENANT  # whose it is (per-tenant quotas, metrics and fair share)
+    weight: float = 1.0  # the tenant's share when tenants compete (fair_share.py)
+    priority: int = 0  # lower runs first, among the same tenant's requests only
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -165,6 +173,7 @@ class Request:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    num_charged_prompt_tokens: int = 0  # fair share: prompt tokens counted as service (never twice)
     error: str | None = None  # what happened, for the caller (ABORTED and ERROR)
     error_kind: ErrorKind | None = None  # set with error
 
@@ -239,6 +248,7 @@ class RequestOutput:
     adapter_version: int | None = None  # final output: the adapter version the request ran on
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for them
     index: int = 0  # which sample of the request (SamplingParams.n)
+    tenant: str = ANONYMOUS_TENANT  # the request's tenant (its tokens are counted against it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ Who calls what (all on the engine thread, from Engine):
   schedule()              start of every step; returns the step's batch
   finish(request, status) postprocess (stop, length), abort (cancel, deadline, unload), or
                           error; frees its KV blocks and its adapter-slot reference
+  record_loads()          end of every step: the per-tenant snapshot metrics read
 
 Prefix caching (block_manager.py, prefix_cache.py): a waiting request is admitted from the
 longest run of cached full blocks of its tokens (the hit), so its first chunk starts after
@@ -21,6 +22,13 @@ Bounds of one step: max_num_seqs running requests, max_num_batched_tokens tokens
 KV blocks, and the device adapter slots (each running request holds a reference to its
 adapter's slot, so a step never needs more distinct adapters than there are slots). The slots
 are reached through lora/slots.py's AdapterSlots: the scheduler never sees tensors.
+
+Between tenants (fair_share.py): admission takes the waiting request of the backlogged tenant
+with the least weighted service so far (VTC), or the first in the queue (FCFS); a request's
+`priority` orders it among its own tenant's requests only; preemption takes from the tenant
+with the most service first. Each step's tokens are charged to their tenants as scheduled.
+A tenant whose adapter is loading keeps its place: admission moves on to the next request,
+and the tenant is first again once its adapter is ready.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.fair_share import FairShare, TenantLoad
 from loraplex.engine.request import Request, RequestStatus
 from loraplex.lora.slots import AdapterSlots, SlotState
 
@@ -63,13 +72,16 @@ class Scheduler:
         self.blocks = blocks
         self.adapters = adapters
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()  # arrival order, preempted requests first
         self.running: list[Request] = []
+        self.fair = FairShare(config.fairness)
+        self.tenant_loads: dict[str, TenantLoad] = {}  # per tenant after the last step, for metrics
 
     # -- queue -------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        self.fair.arrive(request, self.waiting, self.running)
         self.waiting.append(request)
 
     @property
@@ -87,33 +99,43 @@ class Scheduler:
         for request in self.running:
             self.blocks.commit(request)  # blocks the last step filled can be hit from now on
 
-        # 1. Running requests first: they hold KV blocks and adapter slots already.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        # 1. Running requests first: they hold KV blocks and adapter slots already. The ones
+        # scheduled so far are always running[:len(batch)], also after a preemption.
+        while len(batch) < len(self.running) and budget > 0:
+            request = self.running[len(batch)]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._make_room(request, n, batch):
-                break  # `request` itself was preempted; everything after it is gone too
+            made, refunded = self._make_room(request, n, batch)
+            budget += refunded
+            if not made:
+                continue  # `request` itself was preempted
             self.blocks.allocate(request, n)
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
-            i += 1
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            self.fair.charge(request, n)  # once the running batch is final
 
         # 2. Waiting requests, oldest first, skipping those whose adapter is not ready.
         if not batch.preempted:
             self._admit(batch, budget)
         return batch
 
-    def _make_room(self, request: Request, num_new_tokens: int, batch: ScheduledBatch) -> bool:
-        """Preempt the newest running requests until `request` gets its blocks."""
+    def _make_room(self, request: Request, num_new_tokens: int, batch: ScheduledBatch) -> tuple[bool, int]:
+        """Preempt running requests (fair_share.victim says which) until `request` gets its
+        blocks. A victim already in this step's batch leaves it. Returns (False if `request`
+        itself was preempted, the batch tokens given back)."""
+        refunded = 0
         while not self.blocks.can_allocate(request, num_new_tokens):
-            victim = self.running.pop()
+            victim = self.running.pop(self.fair.victim(self.running))
+            k = next((k for k, r in enumerate(batch.requests) if r is victim), None)
+            if k is not None:
+                del batch.requests[k]
+                refunded += batch.num_new_tokens.pop(k)
             self._preempt(victim)
             batch.preempted.append(victim)
             if victim is request:
-                return False
-        return True
+                return False, refunded
+        return True, refunded
 
     def _preempt(self, request: Request) -> None:
         # Recompute on resume: drop the KV, keep the generated tokens.
@@ -126,39 +148,39 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Waiting requests in fair-share order (fair_share.candidates) while the step has room."""
         now = time.monotonic()
         starving = self._starving_adapter(now)
-        kept: deque[Request] = deque()
-        while self.waiting:
-            request = self.waiting.popleft()
+        if budget <= 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
+            return
+        taken: set[int] = set()  # id() of the requests leaving the queue: admitted or failed
+        for request in self.fair.candidates(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                kept.append(request)
                 break
             if self._waits_for_leader(request):
-                kept.append(request)
-                continue
+                continue  # it keeps its place
             # The hit is taken by allocate() below with nothing allocated in between: its
             # parked blocks cannot be evicted between the check and the allocation.
             hit = self.blocks.lookup(request)
             n = min(request.num_tokens - hit.num_tokens, budget)
             if not self.blocks.can_allocate(request, n, hit):
-                kept.append(request)  # KV is first come, first served: stop here
-                break
+                break  # KV goes in admission order: stop here, the request keeps its place
             if request.adapter is not None:
                 if starving is not None and request.adapter is not starving and not self.adapters.on_device(
                     request.adapter
                 ):
-                    kept.append(request)  # leave free slots to the starving adapter
-                    continue
+                    continue  # leave free slots to the starving adapter
                 state = self.adapters.try_acquire(request.adapter)
                 if state is SlotState.NOT_READY:
-                    kept.append(request)
-                    continue
+                    continue  # it keeps its place; its tenant's next request may go
                 if state is SlotState.FAILED:
                     request.error = self.adapters.failure(request.adapter)
                     batch.failed.append(request)
+                    taken.add(id(request))
                     continue
             self.blocks.allocate(request, n, hit)
+            self.fair.charge(request, n)  # computed tokens only: a cached prefix costs nothing
+            taken.add(id(request))
             request.status = RequestStatus.RUNNING
             if request.scheduled_time is None:
                 request.scheduled_time = now
@@ -167,8 +189,8 @@ class Scheduler:
             batch.requests.append(request)
             batch.num_new_tokens.append(n)
             budget -= n
-        kept.extend(self.waiting)
-        self.waiting = kept
+        if taken:
+            self.waiting = deque(r for r in self.waiting if id(r) not in taken)
 
     def _waits_for_leader(self, request: Request) -> bool:
         """A sample of an n > 1 request waits while sample 0 computes the prompt blocks they share."""
@@ -191,6 +213,11 @@ class Scheduler:
             if adapter is not None and not self.adapters.on_device(adapter) and self.adapters.loaded(adapter):
                 return adapter
         return None
+
+    def record_loads(self) -> None:
+        """Snapshot each tenant's running, waiting and service for metrics (end of a step:
+        the snapshot is replaced, never changed, so other threads may read it)."""
+        self.tenant_loads = self.fair.loads(self.waiting, self.running)
 
     # -- leaving -------------------------------------------------------------------------
 

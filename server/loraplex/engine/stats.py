@@ -4,10 +4,12 @@ it instead of the scheduler, the block manager or the adapter store. No torch he
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from loraplex.engine.fair_share import TenantLoad
     from loraplex.engine.request import StepStats
     from loraplex.lora.adapter_version import StoreSnapshot
 
@@ -39,3 +41,4 @@ class EngineStats:
     adapters: StoreSnapshot  # tiers: resident counts, bytes, budgets, device slots, event counters
     adapter_slot_bytes: int  # device bytes of one adapter slot
     last_step: StepStats | None
+    tenants: Mapping[str, TenantLoad] = field(default_factory=dict)  # after the last step: running, waiting, service

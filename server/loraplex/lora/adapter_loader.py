@@ -64,7 +64,7 @@ class AdapterLoader:
                 error, transient = str(e), isinstance(e, AdapterReadError)
             except Exception as e:  # a bug or I/O failure must not kill the loader
                 log.exception("loading adapter %s failed", version.key)
-                error = f"adapter {version.adapter_id!r} failed to load: {e}"
+                error = f"adapter {version.adapter_id!r} failed to load ({type(e).__name__}; the server log has the details)"
             with self._changed:
                 self._finish(version, weights, error, transient, time.perf_counter() - start)
                 self._changed.notify_all()

@@ -96,7 +96,7 @@ class RemoteFiles(Protocol):
 class AdapterSpec:
     """What the config says, checked; no tensors yet (the registered tier)."""
 
-    path: Path
+    path: Path  # resolved, absolute: where the files are read (a remote adapter's: its cache)
     rank: int  # the largest rank over all modules
     alpha: float
     use_rslora: bool
@@ -107,10 +107,13 @@ class AdapterSpec:
     module_ranks: Mapping[str, int]  # module name -> rank, for every targeted module
     remote: RemoteFiles | None = None  # where the files come from when not a local directory (path is then its cache)
     chat_template: str | None = None  # the adapter's own (Jinja), if it brings one
+    # How messages and AdapterInfo name it: relative to its adapter root (callers never learn
+    # the server's own paths), or its remote URI.
+    display_path: str = ""
 
     @property
     def location(self) -> str:
-        """Where the adapter was registered from: its directory, or its remote URI."""
+        """Where the adapter was registered from, for the server's log: its directory, or its remote URI."""
         return self.remote.uri if self.remote is not None else str(self.path)
 
     def host_bytes(self, layers: Mapping[str, BaseLayerInfo], itemsize: int) -> int:
@@ -132,13 +135,17 @@ def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
     return key
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, where: str) -> dict[str, Any]:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise AdapterError(f"{path}: missing {CONFIG_FILE}")
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{path}: {CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
-    return parse_config(str(path), config_path.read_bytes())
+        raise AdapterError(f"{where}: missing {CONFIG_FILE}")
+    try:
+        if config_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{where}: {CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        raw = config_path.read_bytes()
+    except OSError as e:  # its text names the server's own path: never shown
+        raise AdapterError(f"{where}: cannot read {CONFIG_FILE}: {e.strerror}") from None
+    return parse_config(where, raw)
 
 
 def parse_config(where: str, raw: bytes) -> dict[str, Any]:
@@ -152,19 +159,20 @@ def parse_config(where: str, raw: bytes) -> dict[str, Any]:
     return config
 
 
-def read_chat_template(path: Path) -> str | None:
-    """An adapter directory's own chat template (parse_chat_template says which file wins)."""
+def read_chat_template(path: Path, where: str) -> str | None:
+    """An adapter directory's own chat template (parse_chat_template says which file wins);
+    `where` names the adapter in messages."""
     jinja = path / CHAT_TEMPLATE_FILE
     if jinja.is_file():
         if jinja.stat().st_size > MAX_CONFIG_BYTES:
-            raise AdapterError(f"{path}: {CHAT_TEMPLATE_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
-        return parse_chat_template(str(path), jinja.read_bytes(), None)
+            raise AdapterError(f"{where}: {CHAT_TEMPLATE_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        return parse_chat_template(where, jinja.read_bytes(), None)
     config_path = path / TOKENIZER_CONFIG_FILE
     if not config_path.is_file():
         return None
     if config_path.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
-        raise AdapterError(f"{path}: {TOKENIZER_CONFIG_FILE} is larger than {MAX_TOKENIZER_CONFIG_BYTES} bytes")
-    return parse_chat_template(str(path), None, config_path.read_bytes())
+        raise AdapterError(f"{where}: {TOKENIZER_CONFIG_FILE} is larger than {MAX_TOKENIZER_CONFIG_BYTES} bytes")
+    return parse_chat_template(where, None, config_path.read_bytes())
 
 
 def parse_chat_template(where: str, jinja: bytes | None, tokenizer_config: bytes | None) -> str | None:
@@ -221,34 +229,48 @@ def read_adapter_files(spec: AdapterSpec) -> tuple[bytes, bytes]:
     (the loader thread's read): AdapterError if they changed since."""
     if spec.remote is not None:
         return spec.remote.read()
-    path = spec.path
+    path, where = spec.path, spec.display_path or str(spec.path)
     try:
         config_bytes, data = read_files(path)
     except OSError as e:
-        raise AdapterReadError(f"{path}: cannot read the adapter files: {e.strerror or e}") from None
+        raise AdapterReadError(f"{where}: cannot read the adapter files: {e.strerror or 'I/O error'}") from None
     if content_hash([[config_bytes], [data]]) != spec.content_hash:
-        raise AdapterError(f"{path}: the files changed on disk since the adapter was registered; load it again")
+        raise AdapterError(f"{where}: the files changed on disk since the adapter was registered; load it again")
     return config_bytes, data
 
 
-def read_spec(path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int) -> AdapterSpec:
-    """Check an adapter directory against the base: config and tensor shapes (no tensor data is read)."""
+def _hash(directory: Path, where: str) -> str:
+    try:
+        return hash_adapter_files(directory)
+    except OSError as e:  # the files are not refused, just unreadable now
+        raise AdapterReadError(f"{where}: cannot read the adapter files: {e.strerror or 'I/O error'}") from None
+
+
+def read_spec(
+    path: Path, layers: Mapping[str, BaseLayerInfo], max_rank: int, display_path: str | None = None
+) -> AdapterSpec:
+    """Check an adapter directory against the base: config and tensor shapes (no tensor data is read).
+
+    display_path: how messages name the directory (the store gives it relative to its adapter
+    root: a caller never learns the server's own paths); by default the path itself.
+    """
     path = Path(path)
+    where = display_path if display_path is not None else str(path)
     if not path.is_dir():
-        raise AdapterError(f"{path}: not a directory")
-    config = _read_config(path)
+        raise AdapterError(f"{where}: not a directory")
+    config = _read_config(path, where)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         pickles = [p for p in PICKLE_FILES if (path / p).exists()]
         if pickles:
             raise AdapterError(
-                f"{path}: only {WEIGHTS_FILE} is read, never pickle files ({', '.join(pickles)}); "
+                f"{where}: only {WEIGHTS_FILE} is read, never pickle files ({', '.join(pickles)}); "
                 "re-save the adapter with safe_serialization=True"
             )
-        raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
-    header = _read_header(weights)
+        raise AdapterError(f"{where}: missing {WEIGHTS_FILE}")
+    header = _read_header(weights, where)
     return build_spec(
-        path, str(path), config, header, layers, max_rank, hash_adapter_files(path), chat_template=read_chat_template(path)
+        path, where, config, header, layers, max_rank, _hash(path, where), chat_template=read_chat_template(path, where)
     )
 
 
@@ -281,7 +303,7 @@ def build_spec(
     max_rank: int, content_hash: str, remote: RemoteFiles | None = None, chat_template: str | None = None,
 ) -> AdapterSpec:
     """Check a parsed config and safetensors header against the base (a directory's or a remote
-    source's); `where` names the adapter in messages."""
+    source's); `where` names the adapter in messages and becomes its display_path."""
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{where}: peft_type {peft_type} is not LoRA")
@@ -333,6 +355,7 @@ def build_spec(
         module_ranks=module_ranks,
         remote=remote,
         chat_template=chat_template,
+        display_path=where,
     )
 
 
@@ -349,22 +372,22 @@ _DTYPE_BYTES = {
 }
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def _read_header(path: Path, where: str) -> dict[str, Any]:
     """The safetensors header (tensor names, dtypes, shapes), checked against the file's size
     without reading the tensor data (check_data_offsets)."""
     try:
         with path.open("rb") as fh:
             file_size = fh.seek(0, 2)
             fh.seek(0)
-            size = header_size(str(path), fh.read(8))
+            size = header_size(where, fh.read(8))
             if 8 + size > file_size:
                 raise AdapterError(
-                    f"{path}: truncated: the header promises {size} bytes, the file holds {max(0, file_size - 8)} after the size"
+                    f"{where}: truncated: the header promises {size} bytes, the file holds {max(0, file_size - 8)} after the size"
                 )
-            header = parse_header(str(path), fh.read(size))
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot read the safetensors header: {e}") from None
-    check_data_offsets(str(path), header, file_size - 8 - size)
+            header = parse_header(where, fh.read(size))
+    except OSError as e:  # its text names the server's own path: never shown
+        raise AdapterError(f"{where}: cannot read the safetensors header: {e.strerror}") from None
+    check_data_offsets(where, header, file_size - 8 - size)
     return header
 
 

@@ -42,6 +42,8 @@ from loraplex.lora.adapter_version import (
     StoreListener,
     StoreSnapshot,
     Tier,
+    display_path,
+    not_registered,
     resolve_adapter_path,
 )
 from loraplex.lora.slots import SlotState, SlotWriter, placement
@@ -135,10 +137,11 @@ class AdapterStore:
         location = self._s3_location(path, relative_only)
         if location is None:
             resolved = resolve_adapter_path(self.roots, path, relative_only=relative_only)
+            where = display_path(self.roots, resolved)
             try:
-                return read_spec(resolved, self.layers, self.max_rank)
+                return read_spec(resolved, self.layers, self.max_rank, where)
             except OSError as e:  # an I/O error while hashing: the files are not refused, just unreadable now
-                raise AdapterReadError(f"{resolved}: cannot read the adapter files: {e.strerror or e}") from None
+                raise AdapterReadError(f"{where}: cannot read the adapter files: {e.strerror or 'I/O error'}") from None
         if not self.roots:
             raise AdapterError(f"{location.uri}: s3:// adapters need a local adapter root for their download cache")
         return s3_source.read_spec(location, self.layers, self.max_rank, self.roots[0] / s3_source.CACHE_DIR)
@@ -179,7 +182,7 @@ class AdapterStore:
             location = s3_source.find(adapter_id, self.s3_roots)
             if location is not None:
                 return self.register(adapter_id, location.uri)
-        raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+        raise not_registered(adapter_id)
 
     def _check_pin_room(self, exclude: AdapterVersion | None) -> None:
         pinned = sum(1 for v in self._current.values() if v.pinned and v is not exclude)
@@ -402,7 +405,7 @@ class AdapterStore:
     def _registered(self, adapter_id: str) -> AdapterVersion:
         version = self._current.get(adapter_id)
         if version is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+            raise not_registered(adapter_id)
         return version
 
     def get(self, adapter_id: str) -> AdapterInfo:

@@ -22,6 +22,12 @@ class AdapterNotFoundError(KeyError):
         return str(self.args[0]) if self.args else "adapter not found"
 
 
+def not_registered(adapter_id: str) -> AdapterNotFoundError:
+    """The one wording of "no such adapter": the API answers an id hidden from a caller with
+    exactly this, so that nobody learns another tenant's ids exist."""
+    return AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+
+
 class Tier(enum.Enum):
     REGISTERED = "registered"
     HOST = "host"
@@ -80,7 +86,7 @@ class AdapterVersion:
         return AdapterInfo(
             adapter_id=self.adapter_id,
             version=self.version,
-            path=self.spec.location,
+            path=self.spec.display_path,
             tier=self.tier.value,
             rank=self.spec.rank,
             target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in self.spec.module_ranks})),
@@ -124,6 +130,15 @@ class StoreSnapshot:
     counters: Mapping[tuple[str, str], int]
     slot_refs: int = 0  # running requests' references to device slots (0 when idle)
     holders: int = 0  # live requests holding an adapter version (0 when idle)
+
+
+def display_path(roots: tuple[Path, ...], resolved: Path) -> str:
+    """How an adapter directory is named to callers: relative to the adapter root holding it
+    (the server's own absolute paths stay in its log)."""
+    for root in roots:
+        if resolved == root or root in resolved.parents:
+            return str(resolved.relative_to(root)) or "."
+    return str(resolved)
 
 
 def resolve_adapter_path(roots: tuple[Path, ...], path: str | Path, *, relative_only: bool = False) -> Path:

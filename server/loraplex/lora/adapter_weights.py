@@ -42,7 +42,7 @@ class AdapterWeights:
 
 def load_weights(spec: AdapterSpec, dtype: torch.dtype, pin_memory: bool = False) -> AdapterWeights:
     """Read the tensors of a checked adapter, fold PEFT's scale into B and cast once."""
-    path = spec.location
+    path = spec.display_path  # how messages name it: relative to its root, or its URI
     _, data = read_adapter_files(spec)
     try:
         tensors = load_safetensors(data)
