@@ -6,7 +6,7 @@
     phase "after":  1x bound clients
 
 Each client runs greedy requests back to back over the demo adapters and the base; a
-RESOURCE_EXHAUSTED (OverloadedError) is timed and retried at once. Reported per phase:
+RESOURCE_EXHAUSTED (OverloadedError) is timed and retried at once (or after --retry-after-ms). Reported per phase:
 rejection latency p50/p99, admitted latency p50/p99, completed requests and tokens per
 second; the ratio of throughput after the burst to before it; every admitted result checked
 against its reference run (taken on the idle server first); and the server idle at the end
@@ -63,7 +63,8 @@ def _ms(values: list[float], q: float) -> float:
 
 
 async def _client_loop(
-    client: AsyncClient, phase: Phase, index: int, end: float, max_new: int, reference: dict[tuple[int, str | None], list[int]]
+    client: AsyncClient, phase: Phase, index: int, end: float, max_new: int, reference: dict[tuple[int, str | None], list[int]],
+    retry_after: float,
 ) -> None:
     i = index
     while time.monotonic() < end:
@@ -74,14 +75,17 @@ async def _client_loop(
         except OverloadedError as e:
             phase.rejected_s.append(time.perf_counter() - t0)
             phase.rejection_messages.add(e.details)
-            continue  # closed loop: retry at once
+            await asyncio.sleep(retry_after)  # closed loop: retry at once, or after a pause
+            continue
         phase.admitted_s.append(time.perf_counter() - t0)
         phase.tokens += len(result.token_ids)
         phase.wrong += list(result.token_ids) != reference[key]
         i += 1
 
 
-async def _run(address: str, bound: int, seconds: float, max_new: int) -> tuple[list[Phase], dict[tuple[int, str | None], list[int]]]:
+async def _run(
+    address: str, bound: int, seconds: float, max_new: int, retry_after: float
+) -> tuple[list[Phase], dict[tuple[int, str | None], list[int]]]:
     async with AsyncClient(address, timeout=300) as client:
         reference = {
             (p, a): list((await client.generate(prompt_token_ids=PROMPTS[p], adapter_id=a, max_new_tokens=max_new, ignore_eos=True)).token_ids)
@@ -90,7 +94,7 @@ async def _run(address: str, bound: int, seconds: float, max_new: int) -> tuple[
         phases = [Phase("before", bound, seconds), Phase("burst", 3 * bound, seconds), Phase("after", bound, seconds)]
         for phase in phases:
             end = time.monotonic() + seconds
-            await asyncio.gather(*(_client_loop(client, phase, i, end, max_new, reference) for i in range(phase.clients)))
+            await asyncio.gather(*(_client_loop(client, phase, i, end, max_new, reference, retry_after) for i in range(phase.clients)))
         return phases, reference
 
 
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-waiting", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30.0, help="per phase (default 30)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--retry-after-ms", type=float, default=0.0, help="a refused client's pause before it retries (default 0)")
     parser.add_argument("--out", default=str(RESULTS / "overload"), help="report path without extension")
     args = parser.parse_args(argv)
 
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(work / "adapters", work / "server.log", options=options)
     bound = args.max_num_seqs + args.max_waiting
     try:
-        phases, _ = asyncio.run(_run(server.address or "", bound, args.seconds, args.max_new_tokens))
+        phases, _ = asyncio.run(_run(server.address or "", bound, args.seconds, args.max_new_tokens, args.retry_after_ms / 1000))
         time.sleep(1.0)  # the engine ends the last requests at its next step
         m = server.metrics()
     finally:
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": " ".join(["python -m benchmarks.overload", *(sys.argv[1:] if argv is None else argv)]),
         "bound": bound, "max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting,
-        "max_new_tokens": args.max_new_tokens, "phases": rows,
+        "max_new_tokens": args.max_new_tokens, "retry_after_ms": args.retry_after_ms, "phases": rows,
         "after_over_before_tokens_per_s": float(after) / float(before) if before else float("nan"),
         "rejection_messages": sorted({m for p in phases for m in p.rejection_messages}),
         "idle_after": idle, "server_exit_code": exit_code,
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     summary = (
         f"bound {bound} (max_num_seqs {args.max_num_seqs} + max_waiting {args.max_waiting}); {args.seconds:.0f} s per phase; "
-        f"greedy, {args.max_new_tokens} new tokens; tokens/s after / before the burst: {report['after_over_before_tokens_per_s']:.2f}; "
+        f"greedy, {args.max_new_tokens} new tokens; a refused client retries after {args.retry_after_ms:.0f} ms; tokens/s after / before the burst: {report['after_over_before_tokens_per_s']:.2f}; "
         f"idle after: {idle}; wrong results: {sum(p.wrong for p in phases)}\n\nrejection message(s): {report['rejection_messages']}"
     )
     out.with_suffix(".md").write_text(f"# Overload ({report['command'].strip()})\n\n{_table(rows)}\n\n{summary}\n")
