@@ -31,7 +31,7 @@ def test_sighup_adds_and_removes_tenants_while_a_stream_runs(tiny_llama: TinyMod
     tenants.write_text(tenants_toml(("acme", "globex")))
     server = ServeProcess(tiny_llama, root, tmp_path / "server.log", "--tenants", str(tenants))
     try:
-        with Client(server.address, token=TOKENS["globex"], timeout=120) as globex:
+        with Client(server.wait_listening(), token=TOKENS["globex"], timeout=120) as globex:
             server.wait_ready(globex)
             assert _accepted(server.address, "acme") and not _accepted(server.address, "big")
             stream = globex.generate_stream(prompt_token_ids=[5, 6, 7], adapter_id="globex/g0", max_new_tokens=400, ignore_eos=True)
