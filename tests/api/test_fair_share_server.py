@@ -128,7 +128,7 @@ def test_priority_orders_a_tenants_own_requests_from_both_doors(server: Backgrou
     ):
         later = [
             pool.submit(acme.generate, prompt_token_ids=[5, 6, 7], max_new_tokens=NEW_TOKENS, ignore_eos=True,
-                        request_id=f"later-{i}", priority=5)
+                        request_id=f"later-{i}")  # the default priority, 0
             for i in range(flood)
         ]
         wait_queued(engine, flood - 2 * SLOTS)

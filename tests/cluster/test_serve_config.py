@@ -87,3 +87,16 @@ def test_the_cluster_refuses_tokens_it_cannot_check() -> None:
 
     with pytest.raises(InvalidFieldError, match="bearer tokens are not checked through Ray Serve"):
         build_app({"model": "/m", "auth_token": ["secret"]})
+
+
+def test_the_cluster_refuses_tenants_and_tls_it_cannot_enforce(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from loraplex.cluster.app import build_app
+
+    tenants, cert, key = tmp_path / "tenants.toml", tmp_path / "server.crt", tmp_path / "server.key"
+    for f in (tenants, cert, key):
+        f.write_text("")
+    with pytest.raises(InvalidFieldError, match="tenants are not enforced through Ray Serve"):
+        build_app({"model": "/m", "tenants": str(tenants)})
+    with pytest.raises(InvalidFieldError, match="terminate TLS in front of them"):
+        build_app({"model": "/m", "tls_cert": str(cert), "tls_key": str(key)})

@@ -81,6 +81,16 @@ def check_cluster_config(config: ServerConfig) -> None:
             "auth_tokens", "auth_token: bearer tokens are not checked through Ray Serve yet; the cluster refuses "
             "them rather than serve without them (keep its port on a private network)",
         )
+    if config.api.tenants_file:
+        raise InvalidFieldError(
+            "tenants", "tenants: tenants are not enforced through Ray Serve yet; the cluster refuses the file "
+            "rather than serve every caller as an administrator (keep its port on a private network)",
+        )
+    if config.api.tls_cert:
+        raise InvalidFieldError(
+            "tls_cert", "tls_cert: the cluster's endpoints are Ray's proxies, which this application does not "
+            "configure for TLS; terminate TLS in front of them",
+        )
 
 
 def application(config: ServerConfig, options: ClusterOptions, *, log_level: str = "info") -> serve.Application:
