@@ -143,7 +143,7 @@ def test_responses_equal_direct_loraplex(client: Client, direct: Client, cluster
     assert info.path == "all-r16-patterns"
     assert _tokens(client, "loaded/patterns", PROMPTS[0]) == _tokens(direct, SAME_AS["loaded/patterns"], PROMPTS[0])
     uploaded = client.upload_adapter("uploaded/rs", tiny_llama.adapters["all-r8-rslora"])
-    assert uploaded.path.startswith(".uploads/uploaded/rs/")  # under the shared root: every replica reads it
+    assert uploaded.path.startswith("uploaded/.uploads/rs/")  # under the shared root (beside its namespace): every replica reads it
     assert _tokens(client, "uploaded/rs", PROMPTS[0]) == _tokens(direct, SAME_AS["uploaded/rs"], PROMPTS[0])
     assert {"loaded/patterns", "uploaded/rs"} <= {a.adapter_id for a in client.list_adapters()}
     with pytest.raises(AdapterNotFoundError):
