@@ -12,12 +12,14 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks.workload import WorkItem
 from loraplex.engine.request import SamplingParams
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -112,14 +114,15 @@ def run(engine: Any, items: Sequence[WorkItem], adapter_ids: Sequence[str], conc
     return stats
 
 
-def run_on_thread(engine: Any, items: Sequence[WorkItem], adapter_ids: Sequence[str], concurrency: int | None = None) -> RunStats:
-    """`run` on a thread of its own (as the server's engine loop), joined before returning."""
-    result: list[RunStats] = []
+def on_thread(fn: Callable[[], T]) -> T:
+    """fn() on a thread of its own (as the server's engine loop), joined before returning;
+    its exception re-raised here."""
+    result: list[T] = []
     errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            result.append(run(engine, items, adapter_ids, concurrency))
+            result.append(fn())
         except BaseException as e:  # re-raised on the caller's thread
             errors.append(e)
 
@@ -129,3 +132,8 @@ def run_on_thread(engine: Any, items: Sequence[WorkItem], adapter_ids: Sequence[
     if errors:
         raise errors[0]
     return result[0]
+
+
+def run_on_thread(engine: Any, items: Sequence[WorkItem], adapter_ids: Sequence[str], concurrency: int | None = None) -> RunStats:
+    """`run` on a thread of its own (as the server's engine loop), joined before returning."""
+    return on_thread(lambda: run(engine, items, adapter_ids, concurrency))

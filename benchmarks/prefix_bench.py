@@ -29,14 +29,13 @@ import os
 import random
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from benchmarks import report
+from benchmarks import harness, report
 from benchmarks.models import ALL_LINEAR, CPU_BENCH, SMALL, make_adapters, make_model
 from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.engine import Engine
@@ -114,21 +113,7 @@ def warm_up(engine: Engine, ids: list[str], args: argparse.Namespace, vocab: int
 
 def run_round(engine: Engine, ids: list[str], items: list[Item], concurrency: int) -> RoundStats:
     """_run_round on a thread of its own (as the server's engine loop), joined before returning."""
-    result: list[RoundStats] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(_run_round(engine, ids, items, concurrency))
-        except BaseException as e:  # re-raised on the caller's thread
-            errors.append(e)
-
-    thread = threading.Thread(target=target, name="engine-bench")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+    return harness.on_thread(lambda: _run_round(engine, ids, items, concurrency))
 
 
 def _run_round(engine: Engine, ids: list[str], items: list[Item], concurrency: int) -> RoundStats:
