@@ -151,10 +151,10 @@ def main() -> None:
         APP_NAME,
         ClusterOptions,
         application,
-        free_port,
         init_local_ray,
         start_serve,
     )
+    from loraplex.ports import free_ports
 
     model = str(make_model(SMALL))
     root, ids = make_adapters(SMALL, NUM_ADAPTERS, rank=8, targets=ATTENTION)
@@ -164,8 +164,8 @@ def main() -> None:
                    logging_level=logging.WARNING, log_to_driver=False)
     direct: BackgroundServer | None = None
     try:
-        port = free_port()
-        start_serve("127.0.0.1", port, free_port())
+        port, http_port = free_ports(2)
+        start_serve("127.0.0.1", port, http_port)
         options = ClusterOptions(replicas=REPLICAS, max_adapters_per_replica=HELD, replica_cpus=1)
         serve.run(application(_config(model, str(root), port), options), name=APP_NAME, route_prefix="/")
         ingress = serve.get_app_handle(APP_NAME)

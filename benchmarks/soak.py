@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from typing import Any
 
 import grpc
 
+from loraplex.ports import free_port
 from loraplex_client import Client, LoraplexError
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,19 +66,13 @@ KILLED_CLIENT = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """`loraplex serve --model demo` on --port 0 (read back from its log) with /metrics on a
     free port, the HTTP API off; `options` are the rest of its flags."""
 
     def __init__(self, root: Path, log_path: Path, inject_leak: bool = False, options: tuple[str, ...] = SOAK_OPTIONS) -> None:
         for _ in range(5):  # the metrics port is chosen here: retry if another process took it
-            self.metrics_port = _free_port()
+            self.metrics_port = free_port()
             args = [
                 "serve", "--model", "demo", "--adapter-root", str(root), "--port", "0",
                 "--metrics-port", str(self.metrics_port), "--http-port", "0", "--log-format", "json", *options,

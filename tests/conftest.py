@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ hypothesis_settings.register_profile("ci", max_examples=12, derandomize=True, **
 hypothesis_settings.register_profile("fuzz", max_examples=300, **_HYPOTHESIS_COMMON)
 hypothesis_settings.load_profile(os.environ.get("LORAPLEX_HYPOTHESIS_PROFILE", "ci"))
 
+from loraplex import ports  # noqa: E402
 from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from loraplex.model.loader import exact_nf4_compute  # noqa: E402
 
@@ -131,9 +131,7 @@ def free_port() -> int:
     """A port free now (bind, read, close). Only for a port that must be named in advance and
     is bound at once in this process: a subprocess gets --port 0 and reports its port
     (logged_port), since another process may take a port chosen here before it binds."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return ports.free_port()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from loraplex.ports import free_ports
 from loraplex_client import Client
 
 SERVER_START_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_server(root: Path, port: int, http_port: int, quantization: str, log_path: Path) -> subprocess.Popen[bytes]:
@@ -58,7 +52,7 @@ def run_demo(workdir: Path, quantization: str = "nf4") -> int:
     root = make_demo(workdir)
     info = json.loads((root / "demo.json").read_text())
     question, answers = info["question"], info["adapters"]
-    port, http_port = _free_port(), _free_port()
+    port, http_port = free_ports(2)
     log_path = root / "server.log"
     print(f"starting loraplex serve on 127.0.0.1:{port}, HTTP on 127.0.0.1:{http_port} (log: {log_path})")
     server = _start_server(root, port, http_port, quantization, log_path)

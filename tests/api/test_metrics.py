@@ -7,7 +7,6 @@ the warm-up request do not matter)."""
 from __future__ import annotations
 
 import shutil
-import socket
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import POISON_TOKEN, TinyModel, engine_config, poisoned_runner, wait_idle
+from conftest import POISON_TOKEN, TinyModel, engine_config, free_port, poisoned_runner, wait_idle
 from loraplex.api.metrics import OTHER_LABEL, TopAdapters
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ApiConfig, ServerConfig
@@ -30,12 +29,6 @@ TOP_ADAPTERS = 2
 HOST_BUDGET = 64 << 20
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> tuple[Samples, dict[str, str]]:

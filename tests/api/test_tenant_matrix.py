@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,17 +17,11 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from tenant_server import TOKENS, TenantServer, start_tenant_server
 
-from conftest import TinyModel
+from conftest import TinyModel, free_port
 from loraplex_client import AdapterNotFoundError, Client, LoraplexError
 
 OK = "OK"
 NOT_FOUND, DENIED, UNAUTH = "NOT_FOUND", "PERMISSION_DENIED", "UNAUTHENTICATED"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from conftest import TinyModel, engine_config, make_adapter
 from loraplex.api.server import BackgroundServer
 from loraplex.config import ANY_PORT, ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
+from loraplex.ports import free_ports
 from loraplex_client import AdapterNotFoundError, Client, ServerUnavailableError
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
@@ -90,7 +91,6 @@ def cluster(tiny_llama: TinyModel, shared_root: Path) -> Iterator[Cluster]:
         APP_NAME,
         ClusterOptions,
         application,
-        free_port,
         init_local_ray,
         start_serve,
     )
@@ -101,7 +101,7 @@ def cluster(tiny_llama: TinyModel, shared_root: Path) -> Iterator[Cluster]:
         init_local_ray(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20,
                        logging_level=logging.WARNING, log_to_driver=True)
         try:
-            port, http_port = free_port(), free_port()
+            port, http_port = free_ports(2)
             start_serve("127.0.0.1", port, http_port)
             options = ClusterOptions(replicas=2, max_adapters_per_replica=6, replica_cpus=1, health_check_period_s=1)
             serve.run(application(_config(tiny_llama, shared_root, port), options), name=APP_NAME, route_prefix="/")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -28,6 +27,7 @@ from loraplex.cluster.http import served_model_name
 from loraplex.cluster.ingress import Ingress
 from loraplex.cluster.replica import Replica
 from loraplex.config import ServerConfig
+from loraplex.ports import free_ports
 from loraplex.rules import InvalidFieldError, is_s3_uri
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,8 @@ def application(config: ServerConfig, options: ClusterOptions, *, log_level: str
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+# Ray's default port for the dashboard agent: a pick for another agent must not be it.
+DEFAULT_DASHBOARD_AGENT_LISTEN_PORT = 52365
 
 
 def init_local_ray(**options: Any) -> None:
@@ -138,13 +136,14 @@ def init_local_ray(**options: Any) -> None:
     import ray
     from ray._private import parameter
 
-    ports = {name: free_port() for name in ("metrics_agent_port", "runtime_env_agent_port", "dashboard_agent_listen_port")}
+    names = ("metrics_agent_port", "runtime_env_agent_port", "dashboard_agent_listen_port")
+    ports = dict(zip(names, free_ports(len(names), avoid=[DEFAULT_DASHBOARD_AGENT_LISTEN_PORT])))
     original = parameter.RayParams.__init__
 
     def with_ports(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         for name, port in ports.items():
-            if not getattr(self, name, None):
+            if name not in kwargs:  # the agent's default (52365) may be another cluster's, or ours
                 setattr(self, name, port)
 
     parameter.RayParams.__init__ = with_ports  # type: ignore[method-assign]
@@ -175,7 +174,7 @@ def run_cluster(config: ServerConfig, options: ClusterOptions, *, ray_address: s
     try:
         api = config.api
         # Serve always runs its HTTP proxy: with --http-port 0 it listens on a port nobody is told of.
-        http_port = api.http_port if api.http_port > 0 else free_port(api.host)
+        http_port = api.http_port if api.http_port > 0 else free_ports(1, api.host, avoid=[api.port])[0]
         start_serve(api.host, api.port, http_port)
         serve.run(application(config, options, log_level=log_level), name=APP_NAME, route_prefix="/")
         log.info("ready: loraplex.v1 on %s:%d through Ray Serve's gRPC proxy", api.host, api.port)
