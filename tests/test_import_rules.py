@@ -27,6 +27,8 @@ TORCH_FREE = [
     "loraplex.engine.stats",
     "loraplex.lora.slots",
     "loraplex.lora.adapter_spec",
+    "loraplex.lora.adapter_errors",
+    "loraplex.lora.safetensors_header",
     "loraplex.lora.adapter_version",
     "loraplex.lora.adapter_loader",
     "loraplex.lora.adapter_store",

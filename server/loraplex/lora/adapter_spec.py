@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from loraplex.lora.adapter_errors import AdapterError, AdapterReadError
+from loraplex.lora.safetensors_header import read_header
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an adapter directory serves, in content-hash order
@@ -60,15 +63,6 @@ _UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
     "use_bdlora": (False, "block-diagonal LoRA (use_bdlora) is not supported"),
     "arrow_config": (None, "Arrow routing (arrow_config) is not supported"),
 }
-
-
-class AdapterError(ValueError):
-    """An adapter directory that cannot be served; the message names the reason."""
-
-
-class AdapterReadError(AdapterError):
-    """The adapter's files could not be read (an I/O error): the requests waiting for this
-    load fail with the reason; a later request tries the disk again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +262,7 @@ def read_spec(
                 "re-save the adapter with safe_serialization=True"
             )
         raise AdapterError(f"{where}: missing {WEIGHTS_FILE}")
-    header = _read_header(weights, where)
+    header = read_header(weights, where)
     return build_spec(
         path, where, config, header, layers, max_rank, _hash(path, where), chat_template=read_chat_template(path, where)
     )
@@ -362,103 +356,6 @@ def build_spec(
 # The tensor names PEFT saves: <module>.lora_A.weight, <module>.lora_B.weight (an adapter name may sit between).
 LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-
-
-MAX_HEADER_BYTES = 100 << 20
-# Bytes per element of every safetensors dtype, so that any header can be checked against its file.
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}
-
-
-def _read_header(path: Path, where: str) -> dict[str, Any]:
-    """The safetensors header (tensor names, dtypes, shapes), checked against the file's size
-    without reading the tensor data (check_data_offsets)."""
-    try:
-        with path.open("rb") as fh:
-            file_size = fh.seek(0, 2)
-            fh.seek(0)
-            size = header_size(where, fh.read(8))
-            if 8 + size > file_size:
-                raise AdapterError(
-                    f"{where}: truncated: the header promises {size} bytes, the file holds {max(0, file_size - 8)} after the size"
-                )
-            header = parse_header(where, fh.read(size))
-    except OSError as e:  # its text names the server's own path: never shown
-        raise AdapterError(f"{where}: cannot read the safetensors header: {e.strerror}") from None
-    check_data_offsets(where, header, file_size - 8 - size)
-    return header
-
-
-def header_size(where: str, first8: bytes) -> int:
-    """The header length a safetensors file's first 8 bytes give (little-endian u64)."""
-    size = int.from_bytes(first8, "little") if len(first8) == 8 else 0
-    if not 0 < size <= MAX_HEADER_BYTES:
-        raise AdapterError(f"{where}: not a safetensors file (header size {size})")
-    return size
-
-
-class _DuplicateKeyError(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKeyError(key)
-        out[key] = value
-    return out
-
-
-def parse_header(where: str, raw: bytes) -> dict[str, Any]:
-    """A safetensors header's JSON (the bytes after the 8-byte length), metadata dropped."""
-    try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys)
-    except _DuplicateKeyError as e:
-        raise AdapterError(f"{where}: the safetensors header lists {str(e)!r} twice") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{where}: cannot read the safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"{where}: malformed safetensors header")
-    header.pop("__metadata__", None)
-    return header
-
-
-def check_data_offsets(where: str, header: Mapping[str, Any], data_size: int) -> None:
-    """The file is whole: every tensor's [begin, end) in the data buffer (the `data_size` bytes
-    after the header) has the length its dtype and shape need, with no gap or overlap, up to
-    the buffer's last byte."""
-    spans = []
-    for key, info in header.items():
-        if not isinstance(info, dict):
-            raise AdapterError(f"{where}: {key}: malformed tensor entry")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
-            raise AdapterError(f"{where}: {key}: unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise AdapterError(f"{where}: {key}: malformed shape {shape!r}")
-        if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise AdapterError(f"{where}: {key}: malformed data_offsets {offsets!r}")
-        need = math.prod(shape) * _DTYPE_BYTES[dtype]
-        if offsets[1] - offsets[0] != need:
-            raise AdapterError(
-                f"{where}: {key}: {dtype} {shape} needs {need} bytes, the header gives it {offsets[1] - offsets[0]}"
-            )
-        spans.append((offsets[0], offsets[1], key))
-    end = 0
-    for begin, stop, key in sorted(spans):
-        if begin != end:
-            raise AdapterError(f"{where}: {key}: tensor data at byte {begin}, expected {end} (a gap or an overlap)")
-        end = stop
-    if end > data_size:
-        raise AdapterError(f"{where}: truncated: the header promises {end} bytes of tensor data, the file holds {data_size}")
-    if end < data_size:
-        raise AdapterError(f"{where}: {data_size - end} bytes after the last tensor (not a safetensors file)")
 
 
 def _check_tensors(

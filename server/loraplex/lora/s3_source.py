@@ -44,14 +44,12 @@ from loraplex.lora.adapter_spec import (
     AdapterSpec,
     BaseLayerInfo,
     build_spec,
-    check_data_offsets,
     content_hash,
-    header_size,
     parse_chat_template,
     parse_config,
-    parse_header,
 )
 from loraplex.lora.adapter_version import AdapterNotFoundError
+from loraplex.lora.safetensors_header import check_data_offsets, header_size, parse_header
 from loraplex.rules import S3_SCHEME, is_s3_uri, s3_uri_problem
 
 log = logging.getLogger(__name__)
