@@ -65,7 +65,8 @@ class Detokenizer:
         if not self.stopped and self.read_offset < len(self.ids):
             prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
             full = self._decode(self.ids[self.prefix_offset :])
+            old_len = len(self.text)
             self.text += full[len(prefix) :]
             self.read_offset = len(self.ids)
-            self._check_stop(len(self.text))
+            self._check_stop(old_len)  # a stop string may lie in the tail ("x" of a token "x" + a partial byte)
         return self._release(final=True)
