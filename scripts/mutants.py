@@ -28,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # module -> (file under server/loraplex, the tests that guard it: fast, no model)
 MODULES: dict[str, tuple[str, list[str]]] = {
-    "scheduler": ("engine/scheduler.py", ["tests/engine/test_scheduler.py"]),
+    "scheduler": ("engine/scheduler.py", ["tests/engine/test_scheduler.py", "tests/engine/test_fair_share.py"]),
     "block_manager": ("engine/block_manager.py", ["tests/engine/test_block_manager.py", "tests/engine/test_scheduler.py"]),
     "adapter_store": ("lora/adapter_store.py", ["tests/lora/test_adapter_store_tiers.py"]),
     "sampler": ("engine/sampler.py", ["tests/engine/test_sampler.py"]),
@@ -84,7 +84,10 @@ def _results(stage: Path) -> dict[str, str]:
 def run(module: str) -> dict[str, object]:
     stage = _stage(module)
     start = time.monotonic()
-    subprocess.run([str(MUTMUT), "run", "--max-children", "2"], cwd=stage, check=True, stdout=subprocess.DEVNULL)
+    # mutmut forks a child per mutant: torch's OpenMP pool does not survive a fork (a child's
+    # first parallel op hangs until the timeout), so the run keeps torch on one thread.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([str(MUTMUT), "run", "--max-children", "2"], cwd=stage, check=True, stdout=subprocess.DEVNULL, env=env)
     statuses = _results(stage)
     counts = {word: sum(1 for s in statuses.values() if s == word) for word in STATUS_WORDS}
     return {

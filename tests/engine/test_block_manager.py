@@ -172,3 +172,47 @@ def test_hit_counters_count_admissions() -> None:
     _prefill(blocks, _req("b", list(range(10))))
     _prefill(blocks, _req("off", list(range(10)), key=None))  # not a query: caching off for it
     assert (blocks.num_queried_tokens, blocks.num_hit_tokens) == (20, 8)
+    _prefill(blocks, _req("c", list(range(10))))  # a second hit adds to the first
+    assert (blocks.num_queried_tokens, blocks.num_hit_tokens) == (30, 16)
+    stats = blocks.prefix_cache_stats()
+    assert (stats.enabled, stats.queried_tokens, stats.hit_tokens, stats.evictions, stats.cached_blocks) == (True, 30, 16, 0, 2)
+    assert BlockManager(4, BS, prefix_caching=False).prefix_cache_stats().enabled is False
+
+
+# What mutation testing (make mutants) found untested: the size check, what free leaves on the
+# request, and the refusal of a hit for a request that already has KV.
+
+
+@pytest.mark.parametrize(("num_blocks", "block_size"), [(0, 4), (4, 0), (-1, 4)])
+def test_sizes_below_one_are_refused(num_blocks: int, block_size: int) -> None:
+    with pytest.raises(ValueError, match="num_blocks and block_size must be >= 1"):
+        BlockManager(num_blocks, block_size)
+
+
+def test_smallest_sizes_work() -> None:
+    blocks = BlockManager(num_blocks=1, block_size=1)
+    r = _request(1)
+    blocks.allocate(r, 1)
+    assert len(r.block_table) == 1 and blocks.num_free_blocks == 0
+
+
+def test_free_leaves_the_request_holding_nothing() -> None:
+    blocks = BlockManager(num_blocks=8, block_size=BS)
+    a = _req("a", list(range(10)))
+    _prefill(blocks, a)
+    blocks.commit(a)
+    assert a.num_cached_blocks == 2
+    blocks.free(a)
+    assert a.block_table == [] and a.num_cached_blocks == 0
+
+
+def test_a_hit_for_a_request_that_has_kv_is_refused() -> None:
+    blocks = BlockManager(num_blocks=8, block_size=BS)
+    a = _req("a", list(range(10)))
+    _prefill(blocks, a)
+    blocks.free(a)
+    b = _req("b", list(range(10)))
+    hit = blocks.lookup(b)
+    b.num_computed_tokens = 3  # preempted with computed tokens but no blocks: not a state admission may see
+    with pytest.raises(RuntimeError, match="a prefix hit needs a request with no KV"):
+        blocks.allocate(b, 7, hit)

@@ -28,7 +28,7 @@ _ids = itertools.count()
 
 
 def _scheduler(num_blocks: int = 1000, **config: object) -> Scheduler:
-    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, 4), FakeSlots(4), max_model_len=4096)  # type: ignore[arg-type]
+    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, 4), FakeSlots(4))  # type: ignore[arg-type]
 
 
 def _request(

@@ -67,6 +67,7 @@ def test_seed_reproduces_and_differs() -> None:
     assert draw(7, Sampler(0)) == draw(7, Sampler(99))
     assert draw(7, Sampler()) != draw(8, Sampler())
     assert draw(None, Sampler(0)) != draw(None, Sampler(1))
+    assert draw(None, Sampler(5)) == draw(None, Sampler(5))  # the engine's --seed makes unseeded runs repeat
 
 
 def test_logprobs_are_raw_log_softmax_only_where_asked() -> None:
@@ -87,3 +88,34 @@ def test_logprobs_are_raw_log_softmax_only_where_asked() -> None:
     assert out.logprobs[2].top == () and out.logprobs[2].rank > 1  # the penalty moved the argmax
     values, ids = raw[0].topk(3)
     assert out.logprobs[0].top == tuple(zip(ids.tolist(), values.tolist()))
+
+
+# What mutation testing (make mutants) found untested: penalised logits in [0, 1), top_k = 1,
+# and the top_p boundary (a token is dropped once the mass before it reaches top_p exactly).
+
+
+def test_repetition_penalty_on_logits_between_zero_and_one_matches_transformers() -> None:
+    logits = torch.zeros(1, 20)
+    logits[0, 3], logits[0, 7], logits[0, 11], logits[0, 12] = 0.5, 0.25, -0.5, 0.0
+    prompt = [3, 7, 11, 12]
+    expected = RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([prompt]), logits.clone())
+    ours = logits.clone()
+    Sampler()(ours, [_request(SamplingParams(repetition_penalty=2.0), prompt)])
+    torch.testing.assert_close(ours, expected)
+    assert float(ours[0, 3]) == 0.25
+
+
+def test_top_k_one_is_greedy_at_any_temperature() -> None:
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(4))
+    sampler = Sampler()
+    drawn = {sampler(logits, [_request(SamplingParams(temperature=5.0, top_k=1, seed=s))])[0] for s in range(40)}
+    assert drawn == {int(logits.argmax())}
+
+
+def test_top_p_drops_a_token_once_the_mass_before_it_reaches_top_p() -> None:
+    logits = torch.zeros(1, 2)  # probabilities exactly 0.5 and 0.5
+    warped = TopPLogitsWarper(0.5)(None, logits.clone())
+    assert int(torch.isfinite(warped).sum()) == 1  # transformers keeps one token too
+    sampler = Sampler()
+    drawn = {sampler(logits, [_request(SamplingParams(temperature=1.0, top_p=0.5, seed=s))])[0] for s in range(40)}
+    assert len(drawn) == 1

@@ -285,3 +285,68 @@ def test_a_retired_version_still_loads_for_the_request_holding_it(store: Adapter
     assert v1.slot is not None  # held still
     store.unhold(v1)
     assert (v1.slot, v1.weights, store.snapshot().host_resident) == (None, None, 0)
+
+
+# What mutation testing (make mutants) found untested: counters over repeated use, a retired
+# version dropped by whichever reference goes last, and host room that needs two evictions.
+
+
+def test_the_counters_add_up_over_repeated_use(root: Path, reader: FakeReader) -> None:
+    store = make_store(root, reader, slots=1)
+    try:
+        a, b = store.resolve("a"), store.resolve("b")
+        store.hold(a)
+        store.hold(a)  # two requests on a
+        assert a.holders == 2 and a.stats.requests == 2
+        assert store.wait_idle(10)
+        store.unhold(a)
+        store.unhold(a)
+        loaded(store, a, b)  # both on the host now: hits
+        # the second hold came before the read finished: a miss too, and one read
+        assert (a.stats.requests, a.stats.host_misses, a.stats.host_hits) == (3, 2, 1) and reader.reads.count("a") == 1
+        for _ in range(2):
+            for v in (a, b, a):  # one slot: a and b take it in turn
+                assert store.try_acquire(v) is SlotState.ACQUIRED
+                store.release(v)
+        assert (a.stats.device_misses, a.stats.device_hits, a.stats.evictions) == (3, 1, 2)
+        assert counters(store)[("device", "evictions")] == 4 and counters(store)[("device", "hits")] == 1
+    finally:
+        store.close()
+
+
+def test_a_retired_version_goes_with_its_last_slot_reference(store: AdapterStore) -> None:
+    v = store.register("x", "a", pin=True)
+    assert store.wait_idle(10)
+    store.hold(v)
+    assert store.try_acquire(v) is SlotState.ACQUIRED
+    store.unregister("x")
+    assert v.retired and v.pinned is False
+    store.unhold(v)  # the hold goes first: the running request still has the slot
+    assert v.slot is not None and v.weights is not None
+    store.release(v)
+    assert (v.slot, v.weights, store.snapshot().host_bytes, store.snapshot().device_resident) == (None, None, 0, 0)
+
+
+def test_an_idle_version_is_dropped_when_it_is_retired(store: AdapterStore) -> None:
+    v = store.register("x", "a")
+    loaded(store, v)
+    assert store.try_acquire(v) is SlotState.ACQUIRED
+    store.release(v)
+    assert v.slot is not None  # resident, unreferenced
+    store.unregister("x")
+    assert (v.slot, v.weights, store.snapshot().host_bytes) == (None, None, 0)
+
+
+def test_host_room_for_a_larger_adapter_evicts_as_many_as_it_needs(root: Path, reader: FakeReader) -> None:
+    write_adapter(root / "big", rank=4)  # 2 * BYTES
+    store = make_store(root, reader, host_adapters=3)
+    try:
+        a, b, c = (store.resolve(n) for n in "abc")
+        loaded(store, a, b, c)
+        assert store.snapshot().host_bytes == 3 * BYTES
+        big = store.resolve("big")
+        loaded(store, big)
+        assert big.weights is not None and store.snapshot().host_bytes == 3 * BYTES
+        assert (a.weights, b.weights, c.weights is not None) == (None, None, True)  # the two LRU went
+    finally:
+        store.close()

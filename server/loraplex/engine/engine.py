@@ -102,7 +102,7 @@ class Engine:
             auto_register=lc.auto_register,
             on_ready=self._wake.set,
         )
-        self.scheduler = Scheduler(config.scheduler, self.blocks, self.store, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.store)
         self.runner = ModelRunner(self.loaded, self.lora, self.kv_cache)
         self.sampler = Sampler(config.seed)
 

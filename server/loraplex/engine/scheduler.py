@@ -66,12 +66,10 @@ class Scheduler:
         config: SchedulerConfig,
         blocks: BlockManager,
         adapters: AdapterSlots,
-        max_model_len: int,
     ) -> None:
         self.config = config
         self.blocks = blocks
         self.adapters = adapters
-        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()  # arrival order, preempted requests first
         self.running: list[Request] = []
         self.fair = FairShare(config.fairness)

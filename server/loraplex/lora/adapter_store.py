@@ -220,8 +220,8 @@ class AdapterStore:
             version.holders -= 1
             if version.holders == 0 and version.error_transient:
                 version.error, version.error_transient = None, False  # the next request reads the disk again
-            if version.retired and version.holders == 0:
-                self._drop(version)
+            if version.retired and version.holders == 0 and version.slot_refs == 0:
+                self._drop(version)  # the same rule as release(): whichever reference goes last drops it
             self._changed.notify_all()
 
     def try_acquire(self, adapter: object) -> SlotState:
