@@ -113,7 +113,7 @@ def _markdown(report: dict[str, dict[str, object]]) -> str:
         tests = ", ".join(f"`{t}`" for t in r["tests"])  # type: ignore[attr-defined]
         score = f"{100 * killed / mutants:.0f}%" if mutants else "-"
         lines.append(f"| `{r['file']}` | {tests} | {mutants} | {killed} | {survived} | {other} | {score} | {r['minutes']} |")
-    lines += ["", "Mutants not killed (see README, Reliability, for why each kind is harmless):", ""]
+    lines += ["", "Mutants not killed (README, Reliability: which kinds change nothing and which are gaps):", ""]
     for module, r in report.items():
         survivors = r["survivors"]
         lines.append(f"- {module}: " + (", ".join(f"`{n.split('.')[-1]}`" for n in survivors) if survivors else "none"))  # type: ignore[attr-defined]

@@ -372,6 +372,10 @@ def test_the_token_budget_is_spent_exactly() -> None:
     s.add(_request("b", 1))
     assert _run(s) == [("a", 1)]  # and then runs only the first running request
     assert s.has_unfinished() and s.num_unfinished == 2
+    _with_budget(s, 2)
+    assert _run(s) == [("a", 1), ("b", 1)]
+    _with_budget(s, 1)
+    assert _run(s) == [("a", 1)]  # b is not scheduled with 0 tokens
 
 
 def test_admission_stopped_by_kv_leaves_the_queue_right() -> None:
@@ -409,3 +413,33 @@ def test_finish_needs_a_finished_status_and_tolerates_a_request_not_queued() -> 
         s.finish(r, RequestStatus.RUNNING)
     s.finish(r, RequestStatus.FINISHED_ABORTED)  # never added: nothing to remove, no error
     assert r.status is RequestStatus.FINISHED_ABORTED and not s.has_unfinished()
+
+
+def test_samples_wait_for_exactly_the_blocks_they_share() -> None:
+    s = _scheduler()  # block size 4
+    for sample in _samples("r", list(range(5)), 2):  # 1 shared block: its 4 tokens
+        s.add(sample)
+    assert _run(s) == [("r", 5)]
+    s = _scheduler(max_num_batched_tokens=4)
+    for sample in _samples("r", list(range(5)), 2):
+        s.add(sample)
+    assert _run(s) == [("r", 4)]  # the shared block is computed: the sample may start
+    assert _run(s) == [("r", 1), ("r", 1)]
+    s = _scheduler(max_num_batched_tokens=5)
+    for sample in _samples("r", list(range(9)), 2):  # 2 shared blocks: 8 tokens
+        s.add(sample)
+    assert _run(s) == [("r", 5)]
+    assert _run(s) == [("r", 4)]  # 5 of 8 computed when this step was planned: the sample waits
+    assert _run(s) == [("r", 1), ("r", 1)]
+
+
+def test_tenant_loads_are_recorded_per_tenant() -> None:
+    s = _scheduler(max_num_seqs=1)
+    assert s.tenant_loads == {}
+    s.add(_tenant_request("a", 4, "acme"))
+    s.add(_tenant_request("b", 4, "beta"))
+    _run(s)
+    s.record_loads()
+    loads = s.tenant_loads
+    assert (loads["acme"].running, loads["acme"].waiting) == (1, 0)
+    assert (loads["beta"].running, loads["beta"].waiting) == (0, 1)

@@ -198,6 +198,8 @@ def test_the_host_tier_evicts_lru_within_budget_but_keeps_what_a_waiting_request
         assert store.try_acquire(a) is SlotState.ACQUIRED  # a on the device: its host copy may go
         assert store.wait_idle(10)
         assert (a.weights, d.weights) == (None, ("weights", "d")) and store.snapshot().host_bytes == 2 * BYTES
+        assert store.loaded(a) and store.on_device(a)  # no host copy, but ready on the device
+        assert not store.loaded(b) and not store.on_device(b)
         store.release(a)
         for v in (a, c, d):
             store.unhold(v)
