@@ -443,3 +443,23 @@ def test_tenant_loads_are_recorded_per_tenant() -> None:
     loads = s.tenant_loads
     assert (loads["acme"].running, loads["acme"].waiting) == (1, 0)
     assert (loads["beta"].running, loads["beta"].waiting) == (0, 1)
+
+
+def test_each_preemption_is_counted() -> None:
+    s = _scheduler(num_blocks=2)  # 8 tokens of KV
+    x, y = _tenant_request("x", 4, "t1"), _tenant_request("y", 4, "t2")
+    s.add(x)
+    s.add(y)
+    _run(s)  # one block each, full
+    batch = s.schedule()  # x's 5th token needs a block: y (newest of the tied tenants) goes
+    assert [r.request_id for r in batch.preempted] == ["y"] and y.num_preemptions == 1
+    s.finish(x, RequestStatus.FINISHED_STOPPED)
+    for _ in range(8):  # y comes back (its 4 + 1 tokens recomputed), then grows past 8 tokens
+        batch = s.schedule()
+        if batch.preempted:
+            break
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            r.num_computed_tokens += n
+            if r.num_computed_tokens == r.num_tokens:
+                r.output_token_ids.append(0)
+    assert [r.request_id for r in batch.preempted] == ["y"] and y.num_preemptions == 2
