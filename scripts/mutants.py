@@ -28,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # module -> (file under server/loraplex, the tests that guard it: fast, no model)
 MODULES: dict[str, tuple[str, list[str]]] = {
-    "scheduler": ("engine/scheduler.py", ["tests/engine/test_scheduler.py", "tests/engine/test_fair_share.py"]),
+    "scheduler": ("engine/scheduler.py", ["tests/engine/test_scheduler.py", "tests/engine/test_scheduler_edges.py", "tests/engine/test_fair_share.py"]),
     "block_manager": ("engine/block_manager.py", ["tests/engine/test_block_manager.py", "tests/engine/test_scheduler.py"]),
     "adapter_store": ("lora/adapter_store.py", ["tests/lora/test_adapter_store_tiers.py"]),
     "sampler": ("engine/sampler.py", ["tests/engine/test_sampler.py"]),

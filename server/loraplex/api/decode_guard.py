@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from loraplex.api.grpc_handlers import rewrap
 from loraplex.rules import InvalidFieldError
 
 
@@ -58,16 +59,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith("/grpc."):  # health and reflection: their own types
             return handler
-        kwargs = dict(request_deserializer=_guard(handler.request_deserializer), response_serializer=handler.response_serializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_unary_unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_unary_stream(handler.unary_stream), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_stream_unary(handler.stream_unary), **kwargs)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_stream_stream(handler.stream_stream), **kwargs)
-        return handler
+        wraps = {"unary_unary": _unary_unary, "unary_stream": _unary_stream, "stream_unary": _stream_unary, "stream_stream": _stream_stream}
+        return rewrap(handler, wraps, _guard(handler.request_deserializer))
 
 
 def _unary_unary(behavior: Any) -> Any:

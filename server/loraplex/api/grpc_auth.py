@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from loraplex.api.auth import AccessError, Auth, Caller, Outcome, bearer_token, set_current_caller
+from loraplex.api.grpc_handlers import rewrap
 
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token (authorization metadata)"
 
@@ -68,13 +69,4 @@ def _wrap(handler: grpc.RpcMethodHandler, caller: Caller | None, rpc: str, auth:
 
         return run
 
-    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
-    return handler
+    return rewrap(handler, {"unary_unary": unary, "unary_stream": streaming, "stream_unary": unary, "stream_stream": streaming})
