@@ -48,9 +48,13 @@ from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, 
 from loraplex.engine.engine import Engine
 
 HETERO_RANKS = (4, 8, 16, 32, 64)
+MODES = ("base", "identical", "uniform", "distinct", "heterogeneous")
 GOALS = {"identical": 0.95, "uniform": 0.90, "distinct": 0.85}
 LIMIT_GOAL = 0.90  # measured / bytes limit
 OWN_RANK_GOAL = 0.95  # at --max-lora-rank 64 / at the adapters' own max rank
+# heterogeneous / the same adapters at their own ranks, estimated from the distinct run of the
+# round: a step's LoRA time per adapter byte as in distinct (one rank, one band)
+HETERO_GOAL = 0.95
 SERVER_GOAL = 0.95  # server base / in-process engine base
 
 
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--rank", type=int, default=16, help="rank of the identical / uniform / distinct adapters")
     p.add_argument("--cpu-nf4-kernel", choices=["fused", "exact"], default="fused")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES) + " (base always runs)")
     p.add_argument("--name", default="server_bench")
     p.add_argument("--results", type=Path, default=None, help="default: benchmarks/results (.cache/bench/results with --quick)")
     args = p.parse_args(argv)
@@ -118,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     servers = {"r64": ServerProcess([*common, "--max-lora-rank", str(args.max_lora_rank)], "r64")}
     if own_rank != args.max_lora_rank:
         servers["own"] = ServerProcess([*common, "--max-lora-rank", str(own_rank)], "own")
-    runs: list[tuple[str, str]] = [("r64", m) for m in ("base", "identical", "uniform", "distinct", "heterogeneous")]
-    runs += [(s, m) for s in servers if s != "r64" for m in ("identical", "uniform", "distinct")]
+    modes = ["base", *(m for m in args.modes.split(",") if m in MODES and m != "base")]
+    if unknown := [m for m in args.modes.split(",") if m not in MODES]:
+        p.error(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    runs: list[tuple[str, str]] = [("r64", m) for m in modes]
+    runs += [(s, m) for s in servers if s != "r64" for m in ("identical", "uniform", "distinct") if m in modes]
     print(f"[server_bench] {shape.name}, {args.streams} streams x {args.requests} requests, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, --max-lora-rank {args.max_lora_rank}")
     engine = Engine(EngineConfig(
@@ -227,6 +235,11 @@ def results(
             summary[f"{mode} / bytes limit (goal >= {LIMIT_GOAL})"] = row["vs limit"]
         if "vs own-rank server" in row:
             summary[f"{mode}: rank-64 server / rank-{args.rank} server (goal >= {OWN_RANK_GOAL})"] = row["vs own-rank server"]
+    if ("r64", "heterogeneous") in tps and ("r64", "distinct") in tps:
+        per_byte = mode_bytes["heterogeneous"] / mode_bytes["distinct"]
+        own = [1 / (1 / b + (1 / d - 1 / b) * per_byte) for b, d in zip(tps[("r64", "base")], tps[("r64", "distinct")])]
+        h = statistics.median(h / o for h, o in zip(tps[("r64", "heterogeneous")], own))
+        summary[f"heterogeneous / same bytes at distinct's cost per byte (goal >= {HETERO_GOAL})"] = h
     summary[f"server base / in-process engine base (goal >= {SERVER_GOAL})"] = statistics.median(server_vs_engine)
     summary["server base / in-process engine base, CPU cost"] = cost_ratio(("r64", "base"), ("engine", "base"))
     summary["memory bandwidth GB/s"] = bandwidth / 1e9

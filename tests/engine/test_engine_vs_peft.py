@@ -162,3 +162,20 @@ def test_fused_sibling_shrinks_match_peft(form: str, tiny_llama: Any, llama_peft
         assert result.token_ids == llama_peft.greedy(prompt, adapter, MAX_NEW), adapter
     assert backend.fused > 0
     assert (backend.dense_steps > 0) == (form == "dense")
+
+
+def test_slots_exchanged_while_requests_decode_keep_peft_tokens(tiny_llama: Any, llama_peft: Any) -> None:
+    """Adapters acquired out of rank order are exchanged between steps (one pair a step) while
+    their requests decode; each request's greedy tokens still equal PEFT's."""
+    engine = make_engine(tiny_llama)
+    try:
+        prompts = _prompts(engine.loaded.vocab_size, 8, seed=5)
+        adapters: list[str | None] = ["all-r16-patterns", "qv-r4", "all-r8-rslora", "attn-r8-layer0"] * 2
+        results = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True), adapters)
+        for prompt, adapter, result in zip(prompts, adapters, results):
+            assert result.token_ids == llama_peft.greedy(prompt, adapter, MAX_NEW), f"adapter={adapter}"
+        assert engine.store.snapshot().counters.get(("device", "moves"), 0) >= 1  # the case needed exchanges
+        ranks = [v.spec.rank for v in engine.store.device_versions() if v is not None]
+        assert ranks == sorted(ranks) and len(ranks) == 4
+    finally:
+        engine.close()

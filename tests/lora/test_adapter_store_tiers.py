@@ -48,9 +48,16 @@ class FakeSlots:
     def __init__(self, max_loras: int) -> None:
         self.max_loras = max_loras
         self.writes: list[tuple[int, object]] = []
+        self.swaps: list[tuple[int, int]] = []
+        self.contents: list[object] = [None] * max_loras
 
     def write_slot(self, slot: int, weights: object) -> None:
         self.writes.append((slot, weights))
+        self.contents[slot] = weights
+
+    def swap_slots(self, a: int, b: int) -> None:
+        self.swaps.append((a, b))
+        self.contents[a], self.contents[b] = self.contents[b], self.contents[a]
 
 
 class FakeReader:
@@ -350,5 +357,40 @@ def test_host_room_for_a_larger_adapter_evicts_as_many_as_it_needs(root: Path, r
         loaded(store, big)
         assert big.weights is not None and store.snapshot().host_bytes == 3 * BYTES
         assert (a.weights, b.weights, c.weights is not None) == (None, None, True)  # the two LRU went
+    finally:
+        store.close()
+
+
+def test_compaction_sorts_slots_by_rank_and_each_adapter_keeps_its_weights_and_recency(tmp_path: Path, reader: FakeReader) -> None:
+    ranks = {"a": 8, "b": 2, "c": 4, "d": 2, "e": 1}
+    for i, (name, rank) in enumerate(ranks.items()):
+        write_adapter(tmp_path / name, seed=float(i), rank=rank)
+    store = make_store(tmp_path, reader, slots=4, host_adapters=16)
+    try:
+        versions = {name: store.resolve(name) for name in "abcde"}
+        loaded(store, *versions.values())
+        for name in "abcd":  # placed one by one: not in rank order
+            assert store.try_acquire(versions[name]) is SlotState.ACQUIRED
+        for name in "cbda":  # recency, least recent first: c (which the exchanges move) b d a
+            store.release(versions[name])
+            assert store.try_acquire(versions[name]) is SlotState.ACQUIRED
+            store.release(versions[name])
+        placed = [None if v is None else v.spec.rank for v in store.device_versions()]
+        assert placed != sorted(placed)  # the case needs exchanges
+        moves = 0
+        while store.compact_slots():
+            moves += 1
+        assert not store.compact_slots()  # sorted: nothing more to do, no exchange of equal ranks
+        assert [v.spec.rank for v in store.device_versions() if v is not None] == [2, 2, 4, 8]
+        assert moves == len(store.slots.swaps) == counters(store)[("device", "moves")] >= 1  # type: ignore[attr-defined]
+        for name in "abcd":  # each adapter's slot holds its own weights
+            assert store.slots.contents[versions[name].slot] == ("weights", name)  # type: ignore[attr-defined]
+            assert store.device_versions()[versions[name].slot] is versions[name]
+        assert store.try_acquire(versions["e"]) is SlotState.ACQUIRED  # evicts the least recently used adapter
+        assert versions["c"].slot is None and all(versions[n].slot is not None for n in "abde")
+        store.release(versions["e"])
+        while store.compact_slots():  # rank 1 where c's rank 4 was
+            pass
+        assert [v.spec.rank for v in store.device_versions() if v is not None] == [1, 2, 2, 8]
     finally:
         store.close()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lora_reference import apply_lora, per_token_lora
 
-from loraplex.lora.lora_backend import PoolSlice, slot_views, token_segments
-from loraplex.lora.lora_ops import TorchLora
+from loraplex.lora.lora_backend import PoolSlice, Segment, slot_views, token_segments
+from loraplex.lora.lora_ops import BAND_COST_ROWS, TorchLora, plan_bands
 
 CPU = torch.device("cpu")
 
@@ -144,12 +148,48 @@ def test_mixed_ranks_split_into_bands_when_padding_costs_more_than_a_launch() ->
     x, a, b, runs, token_slot = _decode_case(ranks, 64, seed=12, past_rank=0.0)  # the pool's zeros past rank
     backend = TorchLora(torch.float32, CPU)
     batch = backend.prepare(runs, ranks, 64, len(runs))
-    bands = [(bd.slot, bd.count, bd.rank) for bd in batch.bands[batch.slots]]
-    # zero rows read: 4 (a rank 4 at 8), 0, 12 (a rank 4 at 16); one more rank 4 would pass PAD_ROWS (16)
-    assert bands == [(0, 3, 8), (3, 2, 64), (5, 2, 16), (7, 1, 4)]
+    bands = [(bd.slot, bd.count, bd.rank, bd.pad) for bd in batch.bands[batch.slots]]
+    # cost (rows + 64 a band): 88 + 192 + 112 = 392; one band at rank 64 would be 576, the
+    # four of equal ranks 68 + 80 + 192 + 80 + 72 = 492
+    assert bands == [(0, 3, 8, 4), (3, 2, 64, 0), (5, 3, 16, 24)]
     y = torch.zeros(len(runs), b.shape[-1])
     apply_lora(backend, y, x, a, b, batch)
     torch.testing.assert_close(y.double(), per_token_lora(x, a, b, token_slot, ranks), rtol=1e-5, atol=1e-4)
+
+
+def _partitions(n: int) -> Iterator[list[tuple[int, int]]]:
+    """Every split of range(n) into consecutive parts [(i, j), ...]."""
+    for cuts in itertools.product((False, True), repeat=max(0, n - 1)):
+        parts, start = [], 0
+        for k, cut in enumerate(cuts, start=1):
+            if cut:
+                parts.append((start, k))
+                start = k
+        yield [*parts, (start, n)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from([1, 4, 8, 16, 32, 64, 128]), min_size=1, max_size=9), st.sampled_from([1, 3]))
+def test_band_plan_is_the_cheapest_split_of_adjacent_slots(ranks: list[int], length: int) -> None:
+    """The planner against every split there is, under the cost it states (rows read + one band's cost)."""
+    segments = [Segment(i * length, (i + 1) * length, i, r) for i, r in enumerate(ranks)]
+    bands = plan_bands(segments, stacked=True)
+    cost = sum(BAND_COST_ROWS + bd.count * bd.rank for bd in bands)
+    best = min(
+        sum(BAND_COST_ROWS + (j - i) * max(ranks[i:j]) for i, j in parts) for parts in _partitions(len(ranks))
+    )
+    assert cost == best
+    covered = [(s, bd.rank) for bd in bands for s in range(bd.slot, bd.slot + bd.count)]
+    assert [s for s, _ in covered] == list(range(len(ranks)))
+    assert all(r >= ranks[s] for s, r in covered)
+    assert all(bd.length == length and bd.end - bd.start == bd.count * length for bd in bands)
+    assert all(bd.pad == sum(bd.rank - ranks[s] for s in range(bd.slot, bd.slot + bd.count)) for bd in bands)
+
+
+def test_bands_never_join_slots_that_are_not_adjacent_or_of_other_lengths() -> None:
+    segments = [Segment(0, 1, 0, 8), Segment(1, 2, 2, 8), Segment(2, 4, 3, 8), Segment(4, 6, 4, 8)]
+    assert [(bd.slot, bd.count) for bd in plan_bands(segments, stacked=True)] == [(0, 1), (2, 1), (3, 2)]
+    assert [(bd.slot, bd.count) for bd in plan_bands(segments, stacked=False)] == [(0, 1), (2, 1), (3, 1), (4, 1)]
 
 
 def test_segment_form_reads_only_each_adapters_rank() -> None:

@@ -367,6 +367,11 @@ class StateCollector(Collector):
         )
         registrations.add_metric([], snap.counters.get(("registered", "registrations"), 0))
         yield registrations
+        moves = CounterMetricFamily(
+            "loraplex_adapter_slot_moves", "Exchanges of two device slots that keep adapters of one rank side by side"
+        )
+        moves.add_metric([], snap.counters.get(("device", "moves"), 0))
+        yield moves
 
 
     def _tenants(self, loads: Mapping[str, TenantLoad]) -> Iterator[Metric]:

@@ -246,6 +246,7 @@ class Engine:
         start = time.perf_counter()
         outputs = self._drain_inbox()
         batch = self.scheduler.schedule()
+        self.store.compact_slots()  # one slot exchange at most: adapters of one rank side by side
         num_decodes = sum(
             1 for r, n in zip(batch.requests, batch.num_new_tokens) if n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
         )

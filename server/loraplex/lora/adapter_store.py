@@ -46,7 +46,7 @@ from loraplex.lora.adapter_version import (
     not_registered,
     resolve_adapter_path,
 )
-from loraplex.lora.slots import SlotState, SlotWriter, placement
+from loraplex.lora.slots import SlotState, SlotWriter, next_swap, placement
 from loraplex.rules import adapter_id_problem, check_adapter_id
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ class AdapterStore:
         self._host: OrderedDict[str, AdapterVersion] = OrderedDict()  # LRU, oldest first
         self._device: list[AdapterVersion | None] = [None] * slots.max_loras
         self._device_lru: OrderedDict[int, None] = OrderedDict()
+        self._slots_sorted = True  # by rank (compact_slots); False after a slot is written
         self._host_bytes = 0
         self._queue: deque[AdapterVersion] = deque()
         self._last_version: dict[str, int] = {}  # id -> its newest version number, kept after unregister
@@ -246,6 +247,7 @@ class AdapterStore:
             elapsed = time.perf_counter() - start
             self._device[slot] = version
             self._device_lru[slot] = None
+            self._slots_sorted = False
             version.slot = slot
             version.slot_refs = 1
             version.stats.device_misses += 1
@@ -260,6 +262,28 @@ class AdapterStore:
             version.slot_refs -= 1
             if version.retired and version.slot_refs == 0 and version.holders == 0:
                 self._drop(version)
+
+    def compact_slots(self) -> bool:
+        """Between steps (engine thread): one exchange of two device slots towards rank order
+        (slots.next_swap), so adapters of one rank sit side by side; False when already sorted."""
+        with self._lock:
+            if self._slots_sorted:
+                return False
+            swap = next_swap([None if v is None else v.spec.rank for v in self._device])
+            if swap is None:
+                self._slots_sorted = True
+                return False
+            a, b = swap
+            self.slots.swap_slots(a, b)
+            first, second = self._device[a], self._device[b]
+            self._device[a], self._device[b] = second, first
+            for slot, version in ((a, second), (b, first)):
+                if version is not None:
+                    version.slot = slot
+            # Recency belongs to the adapters: each keeps its place in the device LRU.
+            self._device_lru = OrderedDict(({a: b, b: a}.get(s, s), None) for s in self._device_lru)
+            self._count(Tier.DEVICE, "moves")
+            return True
 
     def on_device(self, adapter: object) -> bool:
         return getattr(adapter, "slot", None) is not None

@@ -205,6 +205,24 @@ class LoraModel:
             layer.views[slot] = None if module is None else (layer.lora_a[slot, : module.a.shape[0]].t(), layer.lora_b[slot, : module.a.shape[0]])
             layer.targets = targets_mask(layer.views)
 
+    def swap_slots(self, a: int, b: int) -> None:
+        """Exchange the adapters in slots a and b (either may be empty): rows up to the larger of
+        their ranks in every layer (rows past a slot's rank are zeros in both)."""
+        rows = max(self.slot_ranks[a], self.slot_ranks[b])
+        with torch.no_grad():
+            for layer in self.layers.values():
+                for pool in (layer.lora_a, layer.lora_b):
+                    held = pool[a, :rows].clone()
+                    pool[a, :rows].copy_(pool[b, :rows])
+                    pool[b, :rows].copy_(held)
+                ranks = [None if v is None else v[1].shape[0] for v in layer.views]
+                ranks[a], ranks[b] = ranks[b], ranks[a]
+                for s in (a, b):
+                    r = ranks[s]
+                    layer.views[s] = None if r is None else (layer.lora_a[s, :r].t(), layer.lora_b[s, :r])
+                layer.targets = targets_mask(layer.views)
+        self.slot_ranks[a], self.slot_ranks[b] = self.slot_ranks[b], self.slot_ranks[a]
+
     def __iter__(self) -> Iterator[LoraLinear]:
         return iter(self.layers.values())
 

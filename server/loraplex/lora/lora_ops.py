@@ -9,8 +9,11 @@ whatever `--max-lora-rank` is. The step's segments are grouped into *bands*, onc
     shrink  v[n, L, r] = x[band].view(n, L, d_in) @ A[s:s+n, :r]ᵀ        (bmm; mm when n = 1)
     expand  y[band].view(n, L, d_out) += v @ Bᵀ[s:s+n, :r]               (baddbmm; addmm)
 
-r is the band's largest rank: slots of different ranks join a band only while the zero rows
-read for the smaller ones stay under PAD_ROWS (reading a few zeros is cheaper than a launch).
+r is the band's largest rank. Where slots of different ranks sit side by side, the split into
+bands is the cheapest one under a cost model (a band's launch = BAND_COST_ROWS rows read; the
+zero rows read for a smaller rank count as read): a few padded rows beat a launch, many do not.
+The adapter store keeps the slots sorted by rank (AdapterStore.compact_slots) so that adapters
+of one rank sit side by side.
 At decode every segment is one token, so a batch of distinct adapters in adjacent slots is
 one bmm per layer: the adapters' bytes read once, no FLOP spent on another adapter's rows
 (the dense masked form this replaced multiplied every token by every slot's A).
@@ -38,9 +41,15 @@ from loraplex.lora.lora_backend import LayerPool, LoraBatch, Segment, slot_mask,
 
 # Stacked form while tokens × slots in use stays below this (prefill-sized steps: segments).
 DENSE_MAX_TOKEN_SLOTS = 4096
-# Zero rows (summed over a band's slots) a band may read to save a launch: ~one launch's time
-# of streaming at d_in = 1024, fp32, on the CPU.
-PAD_ROWS = 16
+# What one more band costs, in rows of a weight matrix read (a band reads count × rank rows of
+# A and of Bᵀ per projection): a batched matmul's launch, its Python, and the ramp-up of a
+# new stream from memory. Measured on the CPU (python -m benchmarks.band_cost, 16 adapters of
+# ranks 4-64 sorted by rank, the step's LoRA ops): 16 -> 33.6 ms (5 bands, no padding),
+# 32 -> 30.6, 64 -> 28.7 (3 bands), 128 or 256 -> 27.4 / 27.1 (2 bands). The gain flattens
+# past 64, and padding costs more where streaming is cheaper per launch: 64 is kept.
+BAND_COST_ROWS = 64
+# Segments a band may span in the planner's search (bounds its quadratic cost per step).
+MAX_BAND_SEGMENTS = 64
 
 
 @dataclass(slots=True)
@@ -55,17 +64,48 @@ class Band:
 
 
 def plan_bands(segments: Sequence[Segment], stacked: bool) -> list[Band]:
+    """The cheapest split of the segments into bands (one GEMM each): dynamic programming over
+    the runs of mergeable segments (adjacent slots, contiguous tokens, one length), with cost
+    BAND_COST_ROWS per band + count × rank rows read. The segments form separate bands when not
+    stacked."""
     bands: list[Band] = []
+    run: list[Segment] = []
     for s in segments:
-        length = s.end - s.start
-        last = bands[-1] if bands else None
-        if stacked and last is not None and last.slot + last.count == s.slot and last.end == s.start and last.length == length:
-            rank = max(last.rank, s.rank)
-            pad = last.pad + (rank - last.rank) * last.count + (rank - s.rank)
-            if pad <= PAD_ROWS:
-                last.count, last.end, last.rank, last.pad = last.count + 1, s.end, rank, pad
-                continue
-        bands.append(Band(s.start, s.end, s.slot, 1, length, s.rank))
+        if run and not (stacked and _mergeable(run[-1], s)):
+            bands.extend(_split_run(run))
+            run = []
+        run.append(s)
+    bands.extend(_split_run(run))
+    return bands
+
+
+def _mergeable(last: Segment, s: Segment) -> bool:
+    return last.slot + 1 == s.slot and last.end == s.start and last.end - last.start == s.end - s.start
+
+
+def _split_run(run: list[Segment]) -> list[Band]:
+    """Optimal bands over one run of mergeable segments: best[j] = cheapest cover of run[:j]."""
+    n = len(run)
+    best = [0] * (n + 1)
+    cut = [0] * (n + 1)  # run[cut[j]:j] is the last band of the best cover of run[:j]
+    for j in range(1, n + 1):
+        rank, best[j] = 0, -1
+        for i in range(j - 1, max(-1, j - 1 - MAX_BAND_SEGMENTS), -1):
+            rank = max(rank, run[i].rank)
+            cost = best[i] + BAND_COST_ROWS + (j - i) * rank
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i
+    bands: list[Band] = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        part = run[i:j]
+        rank = max(s.rank for s in part)
+        first = part[0]
+        bands.append(Band(first.start, part[-1].end, first.slot, j - i, first.end - first.start, rank,
+                          sum(rank - s.rank for s in part)))
+        j = i
+    bands.reverse()
     return bands
 
 

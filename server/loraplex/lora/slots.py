@@ -3,6 +3,9 @@
     Scheduler ──AdapterSlots──> AdapterStore ──SlotWriter──> LoraModel (the slot pool on the device)
     try_acquire / release / ...   (adapter_store.py)   write_slot      (lora_layer.py)
 
+Slots are kept sorted by rank (`next_swap`, applied by AdapterStore.compact_slots between
+steps): adapters of one rank side by side decode as one batched matmul in the torch backend.
+
 An adapter slot is one index of the LoRA pool (`max_loras` of them): it holds one adapter
 version's A and Bᵀ in every wrapped layer. (Not a KV cache row: those are `kv rows`.)
 
@@ -45,6 +48,25 @@ class AdapterSlots(Protocol):
         ...
 
 
+def next_swap(ranks: list[int | None]) -> tuple[int, int] | None:
+    """The next exchange of two occupied slots that sorts the occupied slots by rank (None: sorted).
+
+    The target keeps the set of occupied slots and lays their ranks on it in ascending order;
+    the first slot whose rank is off takes one of the rank it should hold, preferably from a
+    slot that wants this slot's rank (one exchange then puts both right). Equal ranks are never
+    exchanged, so a sorted pool stays still. Each exchange puts at least one slot right.
+    """
+    occupied = [s for s, r in enumerate(ranks) if r is not None]
+    target = dict(zip(occupied, sorted(ranks[s] for s in occupied)))  # type: ignore[type-var]
+    for i, slot in enumerate(occupied):
+        if ranks[slot] == target[slot]:
+            continue
+        later = [s for s in occupied[i + 1 :] if ranks[s] == target[slot] and ranks[s] != target[s]]
+        both = [s for s in later if target[s] == ranks[slot]]
+        return slot, (both or later)[0]
+    return None
+
+
 class SlotWriter(Protocol):
     """The slot pool as the adapter store sees it (implemented by lora_layer.LoraModel)."""
 
@@ -54,13 +76,18 @@ class SlotWriter(Protocol):
         """Copy an adapter's host tensors into slot `slot` of every layer (store lock held)."""
         ...
 
+    def swap_slots(self, a: int, b: int) -> None:
+        """Exchange the contents of slots a and b (either may be empty), between steps (store lock held)."""
+        ...
+
 
 def placement(empty: list[int], ranks: list[int | None], rank: int) -> int:
     """Which empty slot an adapter of `rank` takes: beside one of its rank if it can, else the
     middle of the longest run of empty slots (room on both sides for more of its rank).
 
     Adapters of one rank in adjacent slots decode as one batched matmul in the torch LoRA
-    backend (lora_ops.py: a band is adjacent slots); scattered, each is its own launch.
+    backend (lora_ops.py: a band is adjacent slots); scattered, each is its own launch (and
+    the store's exchanges, `next_swap`, sort them later).
     """
 
     def beside(slot: int) -> int:
