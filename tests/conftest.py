@@ -239,7 +239,7 @@ def engine_leaks(engine: Any) -> list[str]:
         problems.append(f"{blocks.num_blocks - blocks.num_free_blocks} of {blocks.num_blocks} KV blocks not free")
     store = engine.store
     with store._lock:
-        versions = list(store._versions.values()) + [v for v in store._device if v is not None]
+        versions = list(store._versions.values()) + [v for v in store.device_versions() if v is not None]
     for version in {id(v): v for v in versions}.values():
         if version.slot_refs or version.holders:
             problems.append(f"adapter {version.key}: {version.slot_refs} slot references, {version.holders} holders")

@@ -32,6 +32,8 @@ TORCH_FREE = [
     "loraplex.lora.adapter_version",
     "loraplex.lora.adapter_loader",
     "loraplex.lora.adapter_store",
+    "loraplex.lora.device_slots",
+    "loraplex.lora.host_tier",
     "loraplex.lora.s3_source",
 ]
 

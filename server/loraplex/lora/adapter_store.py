@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +46,9 @@ from loraplex.lora.adapter_version import (
     not_registered,
     resolve_adapter_path,
 )
-from loraplex.lora.slots import SlotState, SlotWriter, next_swap, placement
+from loraplex.lora.device_slots import DeviceSlots
+from loraplex.lora.host_tier import HostTier
+from loraplex.lora.slots import SlotState, SlotWriter
 from loraplex.rules import adapter_id_problem, check_adapter_id
 
 if TYPE_CHECKING:
@@ -86,11 +88,8 @@ class AdapterStore:
         self._changed = threading.Condition(self._lock)
         self._current: dict[str, AdapterVersion] = {}  # id -> newest version
         self._versions: dict[str, AdapterVersion] = {}  # key -> every live version
-        self._host: OrderedDict[str, AdapterVersion] = OrderedDict()  # LRU, oldest first
-        self._device: list[AdapterVersion | None] = [None] * slots.max_loras
-        self._device_lru: OrderedDict[int, None] = OrderedDict()
-        self._slots_sorted = True  # by rank (compact_slots); False after a slot is written
-        self._host_bytes = 0
+        self._host = HostTier(host_budget, on_evict=lambda: self._count(Tier.HOST, "evictions"))
+        self._device = DeviceSlots(slots)
         self._queue: deque[AdapterVersion] = deque()
         self._last_version: dict[str, int] = {}  # id -> its newest version number, kept after unregister
         self.counters: dict[tuple[str, str], int] = {}
@@ -209,8 +208,7 @@ class AdapterStore:
             if version.weights is not None or version.slot is not None:
                 version.stats.host_hits += 1
                 self._count(Tier.HOST, "hits")
-                if version.weights is not None:
-                    self._host.move_to_end(version.key)
+                self._host.touch(version)
             else:
                 version.stats.host_misses += 1
                 self._count(Tier.HOST, "misses")
@@ -232,7 +230,7 @@ class AdapterStore:
                 return SlotState.FAILED
             if version.slot is not None:
                 version.slot_refs += 1
-                self._device_lru.move_to_end(version.slot)
+                self._device.touch(version)
                 version.stats.device_hits += 1
                 self._count(Tier.DEVICE, "hits")
                 return SlotState.ACQUIRED
@@ -243,12 +241,8 @@ class AdapterStore:
             if slot is None:
                 return SlotState.NOT_READY
             start = time.perf_counter()
-            self.slots.write_slot(slot, version.weights)
+            self._device.put(slot, version)
             elapsed = time.perf_counter() - start
-            self._device[slot] = version
-            self._device_lru[slot] = None
-            self._slots_sorted = False
-            version.slot = slot
             version.slot_refs = 1
             version.stats.device_misses += 1
             self._count(Tier.DEVICE, "misses")
@@ -267,23 +261,10 @@ class AdapterStore:
         """Between steps (engine thread): one exchange of two device slots towards rank order
         (slots.next_swap), so adapters of one rank sit side by side; False when already sorted."""
         with self._lock:
-            if self._slots_sorted:
-                return False
-            swap = next_swap([None if v is None else v.spec.rank for v in self._device])
-            if swap is None:
-                self._slots_sorted = True
-                return False
-            a, b = swap
-            self.slots.swap_slots(a, b)
-            first, second = self._device[a], self._device[b]
-            self._device[a], self._device[b] = second, first
-            for slot, version in ((a, second), (b, first)):
-                if version is not None:
-                    version.slot = slot
-            # Recency belongs to the adapters: each keeps its place in the device LRU.
-            self._device_lru = OrderedDict(({a: b, b: a}.get(s, s), None) for s in self._device_lru)
-            self._count(Tier.DEVICE, "moves")
-            return True
+            moved = self._device.compact()
+            if moved:
+                self._count(Tier.DEVICE, "moves")
+            return moved
 
     def on_device(self, adapter: object) -> bool:
         return getattr(adapter, "slot", None) is not None
@@ -297,52 +278,18 @@ class AdapterStore:
     # -- tiers ---------------------------------------------------------------------------
 
     def _free_slot(self, rank: int) -> int | None:
-        empty = [slot for slot, occupant in enumerate(self._device) if occupant is None]
-        if empty:
-            return placement(empty, [None if v is None else v.spec.rank for v in self._device], rank)
-        for slot in self._device_lru:  # least recently used first
-            occupant = self._device[slot]
-            if occupant is not None and occupant.slot_refs == 0 and not occupant.pinned:
-                self._evict_device(occupant)
-                return slot
-        return None
-
-    def _unslot(self, version: AdapterVersion) -> None:
-        if version.slot is not None:
-            self._device[version.slot] = None
-            self._device_lru.pop(version.slot, None)
-            version.slot = None
+        slot = self._device.slot_for(rank)
+        if slot is None and (victim := self._device.victim()) is not None:
+            slot = victim.slot
+            self._evict_device(victim)
+        return slot
 
     def _evict_device(self, version: AdapterVersion) -> None:
-        self._unslot(version)
+        self._device.remove(version)
         version.stats.evictions += 1
         self._count(Tier.DEVICE, "evictions")
         if version.holders > 0 and version.weights is None:
             self._enqueue(version)  # still wanted: bring it back to the host
-
-    def _host_evictable(self, version: AdapterVersion) -> bool:
-        if version.pinned or version.loading:
-            return False
-        # Needed by a waiting request and not on the device: keep it.
-        return version.holders == 0 or version.slot is not None
-
-    def _make_host_room(self, nbytes: int) -> bool:
-        if self._host_bytes + nbytes <= self.host_budget:
-            return True
-        for key in list(self._host):
-            version = self._host[key]
-            if self._host_evictable(version):
-                self._evict_host(version)
-                if self._host_bytes + nbytes <= self.host_budget:
-                    return True
-        return False
-
-    def _evict_host(self, version: AdapterVersion) -> None:
-        self._host.pop(version.key, None)
-        if version.weights is not None:
-            self._host_bytes -= version.host_bytes
-            version.weights = None
-        self._count(Tier.HOST, "evictions")
 
     def _retire(self, version: AdapterVersion) -> None:
         version.retired = True
@@ -351,9 +298,9 @@ class AdapterStore:
             self._drop(version)
 
     def _drop(self, version: AdapterVersion) -> None:
-        self._unslot(version)
+        self._device.remove(version)
         if version.weights is not None:
-            self._evict_host(version)
+            self._host.evict(version)
         self._versions.pop(version.key, None)
 
     def _count(self, tier: Tier, event: str) -> None:
@@ -384,12 +331,12 @@ class AdapterStore:
                 self._queue.popleft()
                 version.queued = False
                 continue
-            if not self._make_host_room(version.host_bytes):
+            if not self._host.make_room(version.host_bytes):
                 return None  # wait for room: versions on the device or finished free it
             self._queue.popleft()
             version.queued = False
             version.loading = True
-            self._host_bytes += version.host_bytes  # reserved now so concurrent decisions see them
+            self._host.reserve(version.host_bytes)  # now, so concurrent decisions see them
             return version
         return None
 
@@ -400,12 +347,11 @@ class AdapterStore:
         kept only until the requests now holding the version have ended); lock held."""
         version.loading = False
         if weights is None or (version.retired and version.holders == 0):
-            self._host_bytes -= version.host_bytes
+            self._host.unreserve(version.host_bytes)
             version.error = error
             version.error_transient = transient and error is not None
         else:
-            version.weights = weights
-            self._host[version.key] = version
+            self._host.add(version, weights)
             version.stats.loads += 1
             version.stats.last_load_s = elapsed
             self._count_load(Tier.HOST, elapsed)
@@ -443,11 +389,11 @@ class AdapterStore:
     def snapshot(self) -> StoreSnapshot:
         with self._lock:
             return StoreSnapshot(
-                host_bytes=self._host_bytes,
+                host_bytes=self._host.bytes,
                 host_budget=self.host_budget,
-                host_resident=len(self._host),
-                device_resident=sum(1 for v in self._device if v is not None),
-                device_slots=len(self._device),
+                host_resident=self._host.resident,
+                device_resident=self._device.resident,
+                device_slots=len(self._device.versions),
                 registered=len(self._current),
                 counters=dict(self.counters),
                 slot_refs=sum(v.slot_refs for v in self._versions.values()),
@@ -456,4 +402,4 @@ class AdapterStore:
 
     def device_versions(self) -> list[AdapterVersion | None]:
         with self._lock:
-            return list(self._device)
+            return list(self._device.versions)

@@ -14,6 +14,7 @@ bands is the cheapest one under a cost model (a band's launch = BAND_COST_ROWS r
 zero rows read for a smaller rank count as read): a few padded rows beat a launch, many do not.
 The adapter store keeps the slots sorted by rank (AdapterStore.compact_slots) so that adapters
 of one rank sit side by side.
+
 At decode every segment is one token, so a batch of distinct adapters in adjacent slots is
 one bmm per layer: the adapters' bytes read once, no FLOP spent on another adapter's rows
 (the dense masked form this replaced multiplied every token by every slot's A).
