@@ -10,6 +10,8 @@ slot pool of 16 slots, 16 decode tokens (one per slot), the torch LoRA backend o
     hetero as placed  ranks 4..64 in the order the benchmark loads them, where placement puts them
     hetero sorted     the same adapters after the store's exchanges (slots sorted by rank)
     all rank 64       16 adapters of rank 64 (one band)
+    uniform           4 rank-16 adapters shared by 16 requests (6, 3, 4, 3 tokens): one ragged
+                      band, and the equal-length bands the planner made before (one per adapter)
 
 and the sorted layout planned with other values of BAND_COST_ROWS. For each: the bands,
 the rows of A and Bᵀ they read (zero padding included), the milliseconds of the step's LoRA
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,11 +34,24 @@ from benchmarks.report import write
 from benchmarks.server_bench import HETERO_RANKS
 from benchmarks.serving import memory_bandwidth
 from loraplex.lora import lora_ops
-from loraplex.lora.lora_backend import PoolSlice, slot_views
+from loraplex.lora.lora_backend import PoolSlice, Segment, slot_views
 from loraplex.lora.lora_ops import TorchLora
 from loraplex.lora.slots import next_swap, placement
 
-SLOTS, MAX_RANK, GROUPS = 16, 64, (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+SLOTS, MAX_RANK, TOKENS = 16, 64, 16
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+@dataclass
+class Layout:
+    """The adapters' ranks in slots 0, 1, ... and each one's tokens in the step (default: one each)."""
+
+    ranks: list[int]
+    tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.tokens or [1] * len(self.ranks)
+        assert sum(self.tokens) == TOKENS
 
 
 def placed(ranks: list[int]) -> list[int]:
@@ -75,11 +91,26 @@ def build(ranks: list[int]) -> list[dict[Any, Any]]:
     return layers
 
 
-def lora_step(backend: TorchLora, layers: list[dict[Any, Any]], ranks: list[int], xs: dict[int, torch.Tensor],
-              ys: dict[int, torch.Tensor]) -> float:
+def equal_length_bands(segments: list[Segment]) -> list[lora_ops.Band]:
+    """The bands of the planner before ragged bands: segments of different lengths never join."""
+    bands: list[lora_ops.Band] = []
+    group: list[Segment] = []
+    for s in segments:
+        if group and (group[-1].end - group[-1].start) != (s.end - s.start):
+            bands += lora_ops.plan_bands(group, True)
+            group = []
+        group.append(s)
+    return bands + lora_ops.plan_bands(group, True)
+
+
+def lora_step(backend: TorchLora, layers: list[dict[Any, Any]], layout: Layout, xs: dict[int, torch.Tensor],
+              ys: dict[int, torch.Tensor], ragged: bool) -> tuple[float, list[lora_ops.Band]]:
     shapes = CPU_BENCH.module_shapes()
     start = time.perf_counter()
-    batch = backend.prepare([(s, 1) for s in range(SLOTS)], ranks, MAX_RANK, SLOTS)
+    ranks = layout.ranks + [0] * (SLOTS - len(layout.ranks))
+    batch = backend.prepare(list(enumerate(layout.tokens)), ranks, MAX_RANK, TOKENS)
+    if not ragged:
+        batch.bands[batch.slots] = equal_length_bands(batch.segments)
     for layer in layers:
         for group in GROUPS:
             x = xs[shapes[group[0]][0]]
@@ -90,7 +121,7 @@ def lora_step(backend: TorchLora, layers: list[dict[Any, Any]], ranks: list[int]
             for name, v in zip(group, vs):
                 assert v is not None  # every slot's adapter targets every projection
                 backend.expand(ys[shapes[name][1]], v, layer[name], batch)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, batch.bands[batch.slots]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,51 +130,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--costs", default="16,32,64,128,256", help="BAND_COST_ROWS values tried on the sorted layout")
     args = p.parse_args(argv)
     hetero = placed([HETERO_RANKS[i % len(HETERO_RANKS)] for i in range(SLOTS)])
-    layouts = {"distinct": [16] * SLOTS, "hetero as placed": hetero, "hetero sorted": sorted_by_exchanges(hetero),
-               "all rank 64": [MAX_RANK] * SLOTS}
+    layouts = {
+        "distinct": Layout([16] * SLOTS), "hetero as placed": Layout(hetero), "hetero sorted": Layout(sorted_by_exchanges(hetero)),
+        "all rank 64": Layout([MAX_RANK] * SLOTS), "uniform (4 adapters: 6, 3, 4, 3 tokens)": Layout([16] * 4, [6, 3, 4, 3]),
+    }
     default = lora_ops.BAND_COST_ROWS
-    runs = [(name, default) for name in layouts]
-    runs += [("hetero sorted", c) for c in map(int, args.costs.split(",")) if c != default]
+    runs = [(name, default, True) for name in layouts]
+    runs += [("uniform (4 adapters: 6, 3, 4, 3 tokens)", default, False)]
+    runs += [("hetero sorted", c, True) for c in map(int, args.costs.split(",")) if c != default]
     backend = TorchLora(torch.float32, torch.device("cpu"))
     d, f = CPU_BENCH.hidden_size, CPU_BENCH.intermediate_size
-    xs = {d: torch.randn(SLOTS, d), f: torch.randn(SLOTS, f)}
-    ys = {d: torch.zeros(SLOTS, d), f: torch.zeros(SLOTS, f)}
-    pools = {name: build(ranks) for name, ranks in layouts.items()}
-    times: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    xs = {d: torch.randn(TOKENS, d), f: torch.randn(TOKENS, f)}
+    ys = {d: torch.zeros(TOKENS, d), f: torch.zeros(TOKENS, f)}
+    pools = {name: build(layout.ranks + [0] * (SLOTS - len(layout.ranks))) for name, layout in layouts.items()}
+    times: dict[tuple[str, int, bool], list[float]] = {run: [] for run in runs}
+    planned: dict[tuple[str, int, bool], list[lora_ops.Band]] = {}
     bandwidths = []
     try:
         for _ in range(args.rounds + 1):  # the first round warms up
             bandwidths.append(memory_bandwidth())
-            for name, cost in runs:
+            for name, cost, ragged in runs:
                 lora_ops.BAND_COST_ROWS = cost
-                times[(name, cost)].append(lora_step(backend, pools[name], layouts[name], xs, ys))
+                seconds, planned[(name, cost, ragged)] = lora_step(backend, pools[name], layouts[name], xs, ys, ragged)
+                times[(name, cost, ragged)].append(seconds)
     finally:
         lora_ops.BAND_COST_ROWS = default
     bandwidth = statistics.median(bandwidths[1:])
     row_bytes = sum(d_in + d_out for d_in, d_out in CPU_BENCH.module_shapes().values()) * CPU_BENCH.num_hidden_layers * 4
     rows: list[dict[str, Any]] = []
-    timed: dict[tuple[str, int], tuple[float, float]] = {}  # (layout, cost) -> (LoRA ms, bytes floor ms)
-    for name, cost in runs:
-        ranks = layouts[name]
-        lora_ops.BAND_COST_ROWS = cost
-        bands = lora_ops.plan_bands(backend.prepare([(s, 1) for s in range(SLOTS)], ranks, MAX_RANK, SLOTS).segments, True)
-        lora_ops.BAND_COST_ROWS = default
-        ms = statistics.median(times[(name, cost)][1:]) * 1e3
-        floor = sum(ranks) * row_bytes / bandwidth * 1e3
-        timed[(name, cost)] = (ms, floor)
+    timed: dict[tuple[str, int, bool], tuple[float, float]] = {}  # run -> (LoRA ms, bytes floor ms)
+    for run in runs:
+        name, cost, ragged = run
+        layout, bands = layouts[name], planned[run]
+        ms = statistics.median(times[run][1:]) * 1e3
+        floor = sum(layout.ranks) * row_bytes / bandwidth * 1e3
+        timed[run] = (ms, floor)
         rows.append({
-            "layout": name, "BAND_COST_ROWS": cost, "ranks by slot": " ".join(map(str, ranks)),
+            "layout": name, "BAND_COST_ROWS": cost, "ragged bands": "yes" if ragged else "no",
+            "ranks by slot": " ".join(map(str, layout.ranks)),
             "bands (count x rank)": " ".join(f"{b.count}x{b.rank}" for b in bands),
-            "rows read": sum(b.count * b.rank for b in bands), "own rows": sum(ranks), "LoRA ms": ms,
+            "rows read": sum(b.count * b.rank for b in bands), "own rows": sum(layout.ranks), "LoRA ms": ms,
             "bytes floor ms": floor, "floor / measured": floor / ms,
         })
+    sorted_run, placed_run = ("hetero sorted", default, True), ("hetero as placed", default, True)
+    uniform = "uniform (4 adapters: 6, 3, 4, 3 tokens)"
     summary = {
         "memory bandwidth GB/s": bandwidth / 1e9,
-        "hetero sorted / hetero as placed (time)": timed[("hetero sorted", default)][0] / timed[("hetero as placed", default)][0],
-        "hetero sorted: floor / measured": timed[("hetero sorted", default)][1] / timed[("hetero sorted", default)][0],
-        "distinct: floor / measured": timed[("distinct", default)][1] / timed[("distinct", default)][0],
+        "hetero sorted / hetero as placed (time)": timed[sorted_run][0] / timed[placed_run][0],
+        "uniform: ragged / equal-length bands (time)": timed[(uniform, default, True)][0] / timed[(uniform, default, False)][0],
+        "hetero sorted: floor / measured": timed[sorted_run][1] / timed[sorted_run][0],
+        "distinct: floor / measured": timed[("distinct", default, True)][1] / timed[("distinct", default, True)][0],
     }
-    write("band_cost", "LoRA ops of one decode step by slot layout — bench model, 16 slots, rank-64 pool, 16 tokens",
+    write("band_cost", f"LoRA ops of one decode step by slot layout — bench model, {SLOTS} slots, rank-{MAX_RANK} pool, {TOKENS} tokens",
           rows, list(rows[0]), summary, notes=f"{args.rounds} rounds after a warm-up, interleaved, medians; bytes floor = "
           f"the adapters' own rows (fp32 A and Bᵀ of every projection and layer) / memory bandwidth (torch copy, read + "
           f"write); command: python -m benchmarks.band_cost {' '.join(argv or [])}")

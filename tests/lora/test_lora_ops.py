@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from lora_reference import apply_lora, per_token_lora
 
 from loraplex.lora.lora_backend import PoolSlice, Segment, slot_views, token_segments
-from loraplex.lora.lora_ops import BAND_COST_ROWS, TorchLora, plan_bands
+from loraplex.lora.lora_ops import BAND_COST_ROWS, PAD_TOKENS_PER_ROW, TorchLora, plan_bands
 
 CPU = torch.device("cpu")
 
@@ -149,8 +149,8 @@ def test_mixed_ranks_split_into_bands_when_padding_costs_more_than_a_launch() ->
     backend = TorchLora(torch.float32, CPU)
     batch = backend.prepare(runs, ranks, 64, len(runs))
     bands = [(bd.slot, bd.count, bd.rank, bd.pad) for bd in batch.bands[batch.slots]]
-    # cost (rows + 64 a band): 88 + 192 + 112 = 392; one band at rank 64 would be 576, the
-    # four of equal ranks 68 + 80 + 192 + 80 + 72 = 492
+    # cost (rows + 128 a band): 152 + 256 + 176 = 584; one band at rank 64 would be 640, the
+    # five of equal ranks 4 + 16 + 128 + 16 + 8 + 5 × 128 = 812
     assert bands == [(0, 3, 8, 4), (3, 2, 64, 0), (5, 3, 16, 24)]
     y = torch.zeros(len(runs), b.shape[-1])
     apply_lora(backend, y, x, a, b, batch)
@@ -168,28 +168,72 @@ def _partitions(n: int) -> Iterator[list[tuple[int, int]]]:
         yield [*parts, (start, n)]
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.sampled_from([1, 4, 8, 16, 32, 64, 128]), min_size=1, max_size=9), st.sampled_from([1, 3]))
-def test_band_plan_is_the_cheapest_split_of_adjacent_slots(ranks: list[int], length: int) -> None:
-    """The planner against every split there is, under the cost it states (rows read + one band's cost)."""
-    segments = [Segment(i * length, (i + 1) * length, i, r) for i, r in enumerate(ranks)]
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1, 4, 8, 16, 32, 64, 128]), st.sampled_from([1, 1, 2, 3, 7, 40])), min_size=1, max_size=9))
+def test_band_plan_is_the_cheapest_split_of_adjacent_slots(slots: list[tuple[int, int]]) -> None:
+    """The planner against every split there is, under the cost it states: per band
+    BAND_COST_ROWS + rows read + padded tokens × rank / PAD_TOKENS_PER_ROW."""
+    ranks = [r for r, _ in slots]
+    lengths = [n for _, n in slots]
+    starts = list(itertools.accumulate(lengths, initial=0))
+    segments = [Segment(starts[i], starts[i + 1], i, r) for i, r in enumerate(ranks)]
     bands = plan_bands(segments, stacked=True)
-    cost = sum(BAND_COST_ROWS + bd.count * bd.rank for bd in bands)
-    best = min(
-        sum(BAND_COST_ROWS + (j - i) * max(ranks[i:j]) for i, j in parts) for parts in _partitions(len(ranks))
-    )
-    assert cost == best
+
+    def cost(i: int, j: int) -> float:
+        longest, tokens = max(lengths[i:j]), sum(lengths[i:j])
+        return BAND_COST_ROWS + (j - i) * max(ranks[i:j]) + ((j - i) * longest - tokens) * max(ranks[i:j]) / PAD_TOKENS_PER_ROW
+
+    planned = sum(cost(bd.slot, bd.slot + bd.count) for bd in bands)
+    assert planned == min(sum(cost(i, j) for i, j in parts) for parts in _partitions(len(ranks)))
     covered = [(s, bd.rank) for bd in bands for s in range(bd.slot, bd.slot + bd.count)]
     assert [s for s, _ in covered] == list(range(len(ranks)))
     assert all(r >= ranks[s] for s, r in covered)
-    assert all(bd.length == length and bd.end - bd.start == bd.count * length for bd in bands)
-    assert all(bd.pad == sum(bd.rank - ranks[s] for s in range(bd.slot, bd.slot + bd.count)) for bd in bands)
+    for bd in bands:
+        own = lengths[bd.slot : bd.slot + bd.count]
+        assert (bd.start, bd.end, bd.length) == (starts[bd.slot], starts[bd.slot + bd.count], max(own))
+        assert bd.lengths == (tuple(own) if len(set(own)) > 1 else None)
+        assert bd.pad == sum(bd.rank - ranks[s] for s in range(bd.slot, bd.slot + bd.count))
 
 
-def test_bands_never_join_slots_that_are_not_adjacent_or_of_other_lengths() -> None:
+def test_bands_never_join_slots_that_are_not_adjacent() -> None:
     segments = [Segment(0, 1, 0, 8), Segment(1, 2, 2, 8), Segment(2, 4, 3, 8), Segment(4, 6, 4, 8)]
-    assert [(bd.slot, bd.count) for bd in plan_bands(segments, stacked=True)] == [(0, 1), (2, 1), (3, 2)]
+    assert [(bd.slot, bd.count) for bd in plan_bands(segments, stacked=True)] == [(0, 1), (2, 3)]
     assert [(bd.slot, bd.count) for bd in plan_bands(segments, stacked=False)] == [(0, 1), (2, 1), (3, 1), (4, 1)]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["shrink", "shrink_multi"])
+def test_segments_of_different_lengths_decode_as_one_ragged_band(fused: bool) -> None:
+    """4 adapters shared by 16 decoding requests (6, 3, 4, 3 tokens): one band padded to 6
+    tokens a slot; NaN in the pool past each rank proves no more rows are read, and only the
+    real tokens' rows change y."""
+    ranks, lengths = [8, 8, 4, 8], [6, 3, 4, 3]
+    g = torch.Generator().manual_seed(21)
+    a = torch.full((4, 16, 64), float("nan"))
+    b = torch.full((4, 16, 96), float("nan"))
+    for s, r in enumerate(ranks):
+        a[s, :8] = 0.0  # the pool's zeros up to the band's rank 8
+        b[s, :8] = 0.0
+        a[s, :r] = torch.randn(r, 64, generator=g)
+        b[s, :r] = torch.randn(r, 96, generator=g)
+    runs = [(-1, 2), *((s, n) for s, n in enumerate(lengths)), (-1, 1)]
+    token_slot = [slot for slot, n in runs for _ in range(n)]
+    x = torch.randn(len(token_slot), 64, generator=g)
+    backend = TorchLora(torch.float32, CPU)
+    batch = backend.prepare(runs, ranks, 16, len(token_slot))
+    (band,) = batch.bands[batch.slots]
+    assert (band.start, band.end, band.count, band.length, band.rank, band.lengths) == (2, 18, 4, 6, 8, (6, 3, 4, 3))
+    base = torch.randn(len(token_slot), 96, generator=g)
+    y = base.clone()
+    if fused:
+        layer = PoolSlice(a, b, slot_views(a, b, ranks))
+        (v,) = backend.shrink_multi(x, a.unsqueeze(1), [layer], batch)
+        assert v is not None
+        backend.expand(y, v, layer, batch)
+    else:
+        apply_lora(backend, y, x, a, b, batch)
+    expected = base.double() + per_token_lora(x, a, b, token_slot, ranks)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y[:2], base[:2]) and torch.equal(y[-1], base[-1])  # base-model tokens untouched
 
 
 def test_segment_form_reads_only_each_adapters_rank() -> None:
@@ -203,7 +247,7 @@ def test_segment_form_reads_only_each_adapters_rank() -> None:
     runs = [(-1, 5), (0, 70), (1, 90), (2, 65)]
     token_slot = [slot for slot, n in runs for _ in range(n)]
     x = torch.randn(len(token_slot), 40, generator=g)
-    backend = TorchLora(torch.float32, CPU)
+    backend = _backend("segments")  # held to the segment form (stacked, these would join one ragged band)
     batch = backend.prepare(runs, ranks, 32, len(token_slot))
     assert [(bd.count, bd.rank) for bd in batch.bands[batch.slots]] == [(1, 4), (1, 16), (1, 1)]
     y = torch.zeros(len(token_slot), 24)

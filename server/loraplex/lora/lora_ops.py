@@ -5,9 +5,13 @@ through rank-trimmed views of the pool (A[slot, :rank]), so a rank-8 adapter cos
 whatever `--max-lora-rank` is. The step's segments are grouped into *bands*, once per step
 (in `prepare`), and each band is one GEMM:
 
-    band = segments of adjacent slots (s, s+1, ...) with the same number of tokens L
+    band = segments of adjacent slots (s, s+1, ...), L tokens each
     shrink  v[n, L, r] = x[band].view(n, L, d_in) @ A[s:s+n, :r]ᵀ        (bmm; mm when n = 1)
     expand  y[band].view(n, L, d_out) += v @ Bᵀ[s:s+n, :r]               (baddbmm; addmm)
+
+Segments of different lengths (4 adapters shared by 16 decoding requests: 6, 3, 4, 3 tokens)
+join a *ragged* band: their tokens are gathered into [n, L_max, d_in] (padding repeats a
+real row), and expand adds back only the real positions' rows (index_select + add_).
 
 r is the band's largest rank. Where slots of different ranks sit side by side, the split into
 bands is the cheapest one under a cost model (a band's launch = BAND_COST_ROWS rows read; the
@@ -44,11 +48,15 @@ from loraplex.lora.lora_backend import LayerPool, LoraBatch, Segment, slot_mask,
 DENSE_MAX_TOKEN_SLOTS = 4096
 # What one more band costs, in rows of a weight matrix read (a band reads count × rank rows of
 # A and of Bᵀ per projection): a batched matmul's launch, its Python, and the ramp-up of a
-# new stream from memory. Measured on the CPU (python -m benchmarks.band_cost, 16 adapters of
-# ranks 4-64 sorted by rank, the step's LoRA ops): 16 -> 33.6 ms (5 bands, no padding),
-# 32 -> 30.6, 64 -> 28.7 (3 bands), 128 or 256 -> 27.4 / 27.1 (2 bands). The gain flattens
-# past 64, and padding costs more where streaming is cheaper per launch: 64 is kept.
-BAND_COST_ROWS = 64
+# new stream from memory. Measured on the CPU (python -m benchmarks.band_cost: 16 adapters of
+# ranks 4-64 sorted by rank, the step's LoRA ops), two runs: 16 -> 33.6 / 35.6 ms (5 bands,
+# no padding), 32 -> 30.6 / 32.5, 64 -> 28.7 / 33.6 (3 bands), 128 -> 27.4 / 28.2 (2 bands),
+# 256 -> the same 2 bands.
+BAND_COST_ROWS = 128
+# Segments of different lengths join a band padded to the longest (their tokens gathered
+# into [count, longest, d_in]); a padded token costs rank × d FLOPs where a row read costs d
+# × 4 bytes: at the CPU's FLOP and byte rates, four padded tokens cost about one row read.
+PAD_TOKENS_PER_ROW = 4
 # Segments a band may span in the planner's search (bounds its quadratic cost per step).
 MAX_BAND_SEGMENTS = 64
 
@@ -59,16 +67,32 @@ class Band:
     end: int
     slot: int  # first slot; the band covers slots [slot, slot + count)
     count: int
-    length: int  # tokens per slot
+    length: int  # tokens per slot: the longest segment's
     rank: int  # rows read per slot: the band's largest rank
     pad: int = 0  # zero rows read beyond the slots' own ranks
+    lengths: tuple[int, ...] | None = None  # each segment's tokens, when they differ (ragged)
+    gather: torch.Tensor | None = None  # ragged: token row of each padded position [count × length]
+    real: torch.Tensor | None = None  # ragged: padded position of each token of the band, in order
+
+    def index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ragged band's (gather, real) indexes, made once per step on first use."""
+        if self.gather is None or self.real is None:
+            assert self.lengths is not None
+            gather, real, start = [], [], self.start
+            for i, n in enumerate(self.lengths):
+                gather += [start + min(j, n - 1) for j in range(self.length)]  # padding repeats a real row
+                real += [i * self.length + j for j in range(n)]
+                start += n
+            self.gather = torch.tensor(gather, device=device)
+            self.real = torch.tensor(real, device=device)
+        return self.gather, self.real
 
 
 def plan_bands(segments: Sequence[Segment], stacked: bool) -> list[Band]:
     """The cheapest split of the segments into bands (one GEMM each): dynamic programming over
-    the runs of mergeable segments (adjacent slots, contiguous tokens, one length), with cost
-    BAND_COST_ROWS per band + count × rank rows read. The segments form separate bands when not
-    stacked."""
+    the runs of mergeable segments (adjacent slots, contiguous tokens), with cost, in rows read,
+    BAND_COST_ROWS per band + count × rank + padded tokens × rank / PAD_TOKENS_PER_ROW. The
+    segments form separate bands when not stacked."""
     bands: list[Band] = []
     run: list[Segment] = []
     for s in segments:
@@ -81,7 +105,12 @@ def plan_bands(segments: Sequence[Segment], stacked: bool) -> list[Band]:
 
 
 def _mergeable(last: Segment, s: Segment) -> bool:
-    return last.slot + 1 == s.slot and last.end == s.start and last.end - last.start == s.end - s.start
+    return last.slot + 1 == s.slot and last.end == s.start
+
+
+def band_cost(count: int, rank: int, longest: int, tokens: int) -> int:
+    """A band's cost in rows read × PAD_TOKENS_PER_ROW (integers, so splits compare exactly)."""
+    return PAD_TOKENS_PER_ROW * (BAND_COST_ROWS + count * rank) + (count * longest - tokens) * rank
 
 
 def _split_run(run: list[Segment]) -> list[Band]:
@@ -90,10 +119,11 @@ def _split_run(run: list[Segment]) -> list[Band]:
     best = [0] * (n + 1)
     cut = [0] * (n + 1)  # run[cut[j]:j] is the last band of the best cover of run[:j]
     for j in range(1, n + 1):
-        rank, best[j] = 0, -1
+        rank, longest, tokens, best[j] = 0, 0, 0, -1
         for i in range(j - 1, max(-1, j - 1 - MAX_BAND_SEGMENTS), -1):
-            rank = max(rank, run[i].rank)
-            cost = best[i] + BAND_COST_ROWS + (j - i) * rank
+            length = run[i].end - run[i].start
+            rank, longest, tokens = max(rank, run[i].rank), max(longest, length), tokens + length
+            cost = best[i] + band_cost(j - i, rank, longest, tokens)
             if best[j] < 0 or cost < best[j]:
                 best[j], cut[j] = cost, i
     bands: list[Band] = []
@@ -102,9 +132,9 @@ def _split_run(run: list[Segment]) -> list[Band]:
         i = cut[j]
         part = run[i:j]
         rank = max(s.rank for s in part)
-        first = part[0]
-        bands.append(Band(first.start, part[-1].end, first.slot, j - i, first.end - first.start, rank,
-                          sum(rank - s.rank for s in part)))
+        lengths = tuple(s.end - s.start for s in part)
+        bands.append(Band(part[0].start, part[-1].end, part[0].slot, j - i, max(lengths), rank,
+                          sum(rank - s.rank for s in part), lengths if len(set(lengths)) > 1 else None))
         j = i
     bands.reverse()
     return bands
@@ -153,11 +183,10 @@ class TorchLora:
         a = layer.lora_a  # [slots, r_max, d_in]
         out = []
         for b in bands:
-            xs = x[b.start : b.end]  # [n * L, d_in]
             if b.count == 1:
-                out.append(torch.mm(xs, a[b.slot, : b.rank].t()).unsqueeze(0))  # [1, L, r]
+                out.append(torch.mm(x[b.start : b.end], a[b.slot, : b.rank].t()).unsqueeze(0))  # [1, L, r]
             else:
-                out.append(torch.bmm(xs.view(b.count, b.length, -1), a[b.slot : b.slot + b.count, : b.rank].transpose(1, 2)))
+                out.append(torch.bmm(_band_x(x, b), a[b.slot : b.slot + b.count, : b.rank].transpose(1, 2)))
         return bands, out
 
     def shrink_multi(
@@ -171,7 +200,7 @@ class TorchLora:
         per_proj: list[list[torch.Tensor]] = [[] for _ in layers]
         for b in bands:
             n, r = b.count, b.rank
-            xs = x[b.start : b.end].view(n, 1, b.length, -1).expand(n, num_proj, b.length, x.shape[1])
+            xs = _band_x(x, b).view(n, 1, b.length, -1).expand(n, num_proj, b.length, x.shape[1])
             w = pool[b.slot : b.slot + n, :, :r].reshape(n * num_proj, r, -1)  # a view: [n*P, r, d_in]
             v = torch.bmm(xs.reshape(n * num_proj, b.length, -1), w.transpose(1, 2)).view(n, num_proj, b.length, r)
             for p in range(num_proj):
@@ -185,5 +214,15 @@ class TorchLora:
             ys = y[b.start : b.end]  # [n * L, d_out]
             if b.count == 1:
                 ys.addmm_(vb[0], lora_b[b.slot, : b.rank])
-            else:
+            elif b.lengths is None:
                 ys.view(b.count, b.length, -1).baddbmm_(vb, lora_b[b.slot : b.slot + b.count, : b.rank])
+            else:  # ragged: the padded positions' rows are computed and dropped
+                out = torch.bmm(vb, lora_b[b.slot : b.slot + b.count, : b.rank]).view(-1, ys.shape[1])
+                ys.add_(out.index_select(0, b.index(y.device)[1]))
+
+
+def _band_x(x: torch.Tensor, b: Band) -> torch.Tensor:
+    """The band's tokens as [count, length, d_in]: a view, or gathered and padded when ragged."""
+    if b.lengths is None:
+        return x[b.start : b.end].view(b.count, b.length, -1)
+    return x.index_select(0, b.index(x.device)[0]).view(b.count, b.length, -1)
