@@ -49,9 +49,10 @@ DENSE_MAX_TOKEN_SLOTS = 4096
 # What one more band costs, in rows of a weight matrix read (a band reads count × rank rows of
 # A and of Bᵀ per projection): a batched matmul's launch, its Python, and the ramp-up of a
 # new stream from memory. Measured on the CPU (python -m benchmarks.band_cost: 16 adapters of
-# ranks 4-64 sorted by rank, the step's LoRA ops), two runs: 16 -> 33.6 / 35.6 ms (5 bands,
-# no padding), 32 -> 30.6 / 32.5, 64 -> 28.7 / 33.6 (3 bands), 128 -> 27.4 / 28.2 (2 bands),
-# 256 -> the same 2 bands.
+# ranks 4-64 sorted by rank, the step's LoRA ops), three runs, ms: 16 -> 33.6 / 35.6 / 33.7
+# (5 bands, no padding), 32 -> 30.6 / 32.5 / 30.9, 64 -> 28.7 / 33.6 / 29.9 (3 bands),
+# 128 -> 27.4 / 28.2 / 30.9 (2 bands), 256 -> 27.1 / 28.1 / 29.0 (the same 2 bands). Past
+# 32 the runs are within each other's noise; 128 has the lowest median but one.
 BAND_COST_ROWS = 128
 # Segments of different lengths join a band padded to the longest (their tokens gathered
 # into [count, longest, d_in]); a padded token costs rank × d FLOPs where a row read costs d
