@@ -16,7 +16,6 @@ import torch
 
 from loraplex.config import ModelConfig
 from loraplex.logs import progress_bars
-from loraplex.model import cpu_malloc
 from loraplex.startup import MODEL_FIX, StartupError, check_model_dir
 
 log = logging.getLogger(__name__)
@@ -106,8 +105,6 @@ def _load(config: ModelConfig) -> LoadedModel:
     if hf_config.model_type not in SUPPORTED_FAMILIES:
         log.warning("model type %r is untested; Llama / Mistral / Qwen2-style module names are expected", hf_config.model_type)
 
-    if device.type == "cpu":
-        cpu_malloc.tune()
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": str(device)}}
     if config.quantization == "nf4":
         from transformers import BitsAndBytesConfig
