@@ -117,6 +117,9 @@ def band_cost(count: int, rank: int, longest: int, tokens: int) -> int:
 def _split_run(run: list[Segment]) -> list[Band]:
     """Optimal bands over one run of mergeable segments: best[j] = cheapest cover of run[:j]."""
     n = len(run)
+    if len({(s.rank, s.end - s.start) for s in run}) == 1:  # the usual decode step: one band, no search
+        first = run[0]
+        return [Band(first.start, run[-1].end, first.slot, n, first.end - first.start, first.rank)]
     best = [0] * (n + 1)
     cut = [0] * (n + 1)  # run[cut[j]:j] is the last band of the best cover of run[:j]
     for j in range(1, n + 1):
