@@ -158,21 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = python_thread_names(pyspy, pid)
         for rnd in range(args.rounds):
-            requests = plan("base", [], args, shape.vocab_size, rnd)
+            requests = plan("base", [], args, shape.vocab_size, rnd, args.new_tokens)
             rate, per_token = engine_cpu(engine, requests)
             rates["in-process engine base"].append(rate)
             cpu["in-process engine base"].append({"engine (in process)": per_token})
             for mode in modes:
                 adapters = mode_adapters(mode, uniform, hetero, args.streams)
                 warm(address, adapters, shape.vocab_size)
-                result, groups = cpu_run(address, pid, names, plan(mode, adapters, args, shape.vocab_size, rnd))
+                result, groups = cpu_run(address, pid, names, plan(mode, adapters, args, shape.vocab_size, rnd, args.new_tokens))
                 rates[f"server {mode}"].append(result.tokens_per_s)
                 cpu[f"server {mode}"].append({k: v / result.tokens for k, v in groups.items()})
                 print(f"  round {rnd} [{mode:13s}] {result.tokens_per_s:7.1f} tok/s", flush=True)
         if args.pyspy:
             adapters = mode_adapters(args.pyspy, uniform, hetero, args.streams)
             warm(address, adapters, shape.vocab_size)
-            load = threading.Thread(target=stream_load, args=(address, plan(args.pyspy, adapters, args, shape.vocab_size, 99)))
+            load = threading.Thread(target=stream_load, args=(address, plan(args.pyspy, adapters, args, shape.vocab_size, 99, args.new_tokens)))
             load.start()
             # py-spy until the load ends (SIGINT makes it write what it sampled).
             spy = subprocess.Popen([pyspy, "record", "-p", str(pid), "--threads", "--rate", "100", "--format", "raw",
