@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -299,12 +300,9 @@ class Soak:
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
-    n = len(points)
-    if n < 2:
+    if len({x for x, _ in points}) < 2:
         return 0.0
-    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
-    var = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+    return statistics.linear_regression([x for x, _ in points], [y for _, y in points]).slope
 
 
 def _plot(samples: list[dict[str, float]], latencies: list[tuple[float, float]], path: Path) -> None:

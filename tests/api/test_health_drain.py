@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,7 +27,13 @@ from loraplex.api import server as server_module
 from loraplex.api.server import SERVICE_NAME, BackgroundServer
 from loraplex.config import ApiConfig, ServerConfig
 from loraplex.engine.engine import Engine
-from loraplex_client import Client, DeadlineExceededError, ServerUnavailableError
+from loraplex_client import (
+    AuthenticationError,
+    Client,
+    DeadlineExceededError,
+    OverloadedError,
+    ServerUnavailableError,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -53,8 +60,10 @@ def healthcheck(address: str, service: str | None = None) -> int:
     return int(args.func(args))
 
 
-def _background(tiny: TinyModel, api: ApiConfig) -> tuple[BackgroundServer, Engine]:
+def _background(tiny: TinyModel, api: ApiConfig, **scheduler: Any) -> tuple[BackgroundServer, Engine]:
     config = engine_config(tiny, roots=(str(tiny.adapter_root),), max_loras=2)
+    if scheduler:
+        config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, **scheduler))
     engine = Engine(config)
     return BackgroundServer(ServerConfig(engine=config, api=api), engine), engine
 
@@ -268,3 +277,59 @@ def test_a_too_short_drain_ends_streams_unavailable_and_exits_0(serve_process: C
             assert received < 479
     assert server.proc.wait(60) == 0
     assert any(r["msg"].startswith("drain timeout: ending 3 streams") for r in server.records())
+
+
+def test_overload_auth_and_shutdown(tiny_llama: TinyModel) -> None:
+    server, engine = _background(
+        tiny_llama, ApiConfig(port=0, metrics_port=0, http_port=0, auth_tokens=("s3cret",)), max_num_seqs=1, max_waiting=1
+    )
+    address = server.start()
+    engine_loop = server.server.engine_loop
+    assert engine_loop is not None
+    # The streams must still be in flight when the drain timeout fires, however fast the machine:
+    # once both run, every step waits at a gate that only the drain's abort opens.
+    gate, run, abort_all = threading.Event(), engine.runner.run, engine_loop.abort_all
+
+    def gated_run(batch: Any) -> Any:
+        if not gate.is_set() and engine.num_unfinished >= 2:
+            gate.wait(60)
+        return run(batch)
+
+    def opening_abort_all(*args: Any) -> None:
+        abort_all(*args)
+        gate.set()
+
+    engine.runner.run = gated_run  # type: ignore[method-assign]
+    engine_loop.abort_all = opening_abort_all  # type: ignore[method-assign]
+    try:
+        with pytest.raises(AuthenticationError):
+            Client(address).generate("hi")
+        with pytest.raises(AuthenticationError):
+            Client(address, token="wrong").generate("hi")
+        with Client(address, token="s3cret", timeout=60) as client:
+            assert client.health()
+            streams = [
+                client.generate_stream(prompt_token_ids=[5, 6], max_new_tokens=400, ignore_eos=True) for _ in range(2)
+            ]
+            deadline = time.monotonic() + 10
+            while engine.num_unfinished < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(OverloadedError, match="overloaded"):
+                client.generate(prompt_token_ids=[5, 6], max_new_tokens=2)
+            # Shutting down: new calls are UNAVAILABLE; the in-flight streams end UNAVAILABLE at the drain timeout.
+            drain = server.begin_drain(1.0)
+            service = server.server.service
+            assert service is not None
+            while not service.draining and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(ServerUnavailableError):
+                client.generate(prompt_token_ids=[5, 6], max_new_tokens=2)
+            for s in streams:
+                with pytest.raises(ServerUnavailableError, match="shutting down"):
+                    list(s)
+            drain.result(10)
+            assert gate.is_set()  # the streams were still running when the drain timeout fired
+    finally:
+        gate.set()
+        server.close_loop()
+    assert server.server.engine.blocks.num_free_blocks == server.server.engine.blocks.num_blocks

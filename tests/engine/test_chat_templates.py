@@ -75,17 +75,22 @@ def test_a_changed_template_is_a_new_version(engine: Any) -> None:
         engine.register_adapter("own-jinja", "own-jinja")
 
 
+def _prompts(tokenizer: Any) -> Prompts:
+    """Prompts with no length limit to speak of (these tests are about templates)."""
+    return Prompts(tokenizer, vocab_size=len(tokenizer), max_seq_len=1 << 20, max_model_len=1 << 20)
+
+
 def test_no_template_anywhere_is_an_error_naming_messages(tokenizer: Any) -> None:
     bare = copy.deepcopy(tokenizer)
     bare.chat_template = None
     with pytest.raises(InvalidFieldError, match="no chat template") as e:
-        Prompts(bare).chat(MESSAGES, None, "acme/x")
+        _prompts(bare).chat(MESSAGES, None, "acme/x")
     assert e.value.field == "messages" and "acme/x" in str(e.value)
-    assert Prompts(bare).chat(MESSAGES, OWN_TEMPLATE, "acme/x") == _expected(tokenizer, OWN_TEMPLATE)
+    assert _prompts(bare).chat(MESSAGES, OWN_TEMPLATE, "acme/x") == _expected(tokenizer, OWN_TEMPLATE)
 
 
 def test_bad_messages_are_refused_naming_the_field(tokenizer: Any) -> None:
-    prompts = Prompts(tokenizer)
+    prompts = _prompts(tokenizer)
     with pytest.raises(InvalidFieldError) as e:
         prompts.chat([ChatMessage("tool", "x")], None, None)  # the demo template raises for other roles
     assert e.value.field == "messages" and "roles are system, user and assistant" in str(e.value)

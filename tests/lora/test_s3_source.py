@@ -23,7 +23,8 @@ from loraplex.config import ApiConfig, LoraConfig, ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.prompts import ChatMessage
 from loraplex.lora import s3_source
-from loraplex.lora.adapter_spec import CHAT_TEMPLATE_FILE, CONFIG_FILE, TOKENIZER_CONFIG_FILE, WEIGHTS_FILE
+from loraplex.lora.adapter_chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
+from loraplex.lora.adapter_spec import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.rules import InvalidFieldError
 from loraplex_client import AdapterIncompatibleError, AdapterNotFoundError, Client
 

@@ -54,7 +54,7 @@ from loraplex.lora.adapter_weights import load_weights
 from loraplex.lora.lora_backend import LoraBackend
 from loraplex.lora.lora_layer import LoraModel
 from loraplex.model.loader import LoadedModel, load_base_model
-from loraplex.rules import InvalidFieldError, check_request_id, new_request_id
+from loraplex.rules import check_request_id, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Engine:
 
         self.num_kv_blocks = num_blocks
         self._live = LiveRequests(config.scheduler.max_waiting + config.scheduler.max_num_seqs)
-        self.prompts = Prompts(self.tokenizer)
+        self.prompts = Prompts(self.tokenizer, self.loaded.vocab_size, self.max_seq_len, self.max_model_len)
         self._closed = False
         self.last_step: StepStats | None = None
         self.on_finish: Callable[[Request], None] | None = None  # metrics hook, engine thread
@@ -147,8 +147,8 @@ class Engine:
             raise EngineClosedError("the engine is shutting down")
         params = params or SamplingParams()
         request_id = new_request_id() if request_id is None else check_request_id(request_id)
-        ids = self._prompt_ids(prompt, prompt_token_ids)
-        self._check_vocab("stop_token_ids", params.stop_token_ids)
+        ids = self.prompts.request_ids(prompt, prompt_token_ids)
+        self.prompts.check_vocab("stop_token_ids", params.stop_token_ids)
         if adapter is None and adapter_id:
             adapter = self.resolve_adapter(adapter_id)
         leader = Request(
@@ -169,35 +169,10 @@ class Engine:
         self._wake.set()
         return request_id
 
-    def _prompt_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
-        if (prompt is None) == (prompt_token_ids is None):
-            raise InvalidFieldError("prompt", "give exactly one of prompt and prompt_token_ids")
-        field = "prompt" if prompt_token_ids is None else "prompt_token_ids"
-        if prompt_token_ids is not None:
-            ids = [int(t) for t in prompt_token_ids]
-            self._check_vocab(field, ids)
-        else:
-            ids = self.prompts.encode(prompt or "")
-        if not ids:
-            raise InvalidFieldError(field, "the prompt is empty")
-        # The one prompt-length rule: the longest sequence this engine holds, with room to generate.
-        if len(ids) >= self.max_seq_len:
-            bound = "max_model_len" if self.max_seq_len == self.max_model_len else "the KV cache (num_kv_blocks x block_size)"
-            raise InvalidFieldError(
-                field,
-                f"{field} has {len(ids)} tokens; {bound} holds {self.max_seq_len} (room for at least one new token needed)",
-            )
-        return ids
-
     def chat_prompt_ids(self, messages: Sequence[ChatMessage], adapter: AdapterVersion | None) -> list[int]:
         """A chat's prompt ids with the adapter's own chat template, else the base's (prompts.py)."""
         template = adapter.spec.chat_template if adapter is not None else None
         return self.prompts.chat(messages, template, adapter.adapter_id if adapter is not None else None)
-
-    def _check_vocab(self, field: str, ids: Sequence[int]) -> None:
-        bad = [t for t in ids if not 0 <= t < self.loaded.vocab_size]
-        if bad:
-            raise InvalidFieldError(field, f"{field} has ids outside the vocabulary [0, {self.loaded.vocab_size}): {bad[:5]}")
 
     def abort(
         self, request_id: str, kind: ErrorKind = ErrorKind.CANCELLED, message: str = "cancelled by the client"
@@ -308,17 +283,7 @@ class Engine:
         outputs = []
         for request, token, lp in zip(sampling, sampled.tokens, sampled.logprobs):
             logprobs = None if lp is None else [lp]
-            if request.first_token_time is None:
-                request.first_token_time = now
-            request.output_token_ids.append(token)
-            p = request.params
-            stop_token = token in p.stop_token_ids or token in request.eos_token_ids
-            text = request.detokenizer.add(token, skip=stop_token)
-            status = None
-            if stop_token or request.detokenizer.stopped:
-                status = RequestStatus.FINISHED_STOPPED
-            elif len(request.output_token_ids) >= p.max_new_tokens or request.num_tokens >= self.max_seq_len:
-                status = RequestStatus.FINISHED_LENGTH
+            text, status = request.append_token(token, now, self.max_seq_len)
             if status is None:
                 outputs.append(
                     RequestOutput(

@@ -74,12 +74,46 @@ def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], template: str) 
 
 
 class Prompts:
-    """Text and chats to prompt ids, ids to token texts; safe to call from any thread."""
+    """Text and chats to prompt ids, ids to token texts, a request's ids checked against the
+    vocabulary and the engine's longest sequence; safe to call from any thread.
 
-    def __init__(self, tokenizer: Any) -> None:
+    max_seq_len: the longest sequence the engine holds (max_model_len, or less where the KV
+    cache is smaller); a prompt needs room for one new token under it.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, max_seq_len: int, max_model_len: int) -> None:
         self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.max_model_len = max_model_len
         self._lock = threading.Lock()
         self._texts: dict[int, str] = {}
+
+    def request_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
+        """A request's prompt ids from exactly one of text and ids; InvalidFieldError names what is wrong."""
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidFieldError("prompt", "give exactly one of prompt and prompt_token_ids")
+        field = "prompt" if prompt_token_ids is None else "prompt_token_ids"
+        if prompt_token_ids is not None:
+            ids = [int(t) for t in prompt_token_ids]
+            self.check_vocab(field, ids)
+        else:
+            ids = self.encode(prompt or "")
+        if not ids:
+            raise InvalidFieldError(field, "the prompt is empty")
+        # The one prompt-length rule: the longest sequence this engine holds, with room to generate.
+        if len(ids) >= self.max_seq_len:
+            bound = "max_model_len" if self.max_seq_len == self.max_model_len else "the KV cache (num_kv_blocks x block_size)"
+            raise InvalidFieldError(
+                field,
+                f"{field} has {len(ids)} tokens; {bound} holds {self.max_seq_len} (room for at least one new token needed)",
+            )
+        return ids
+
+    def check_vocab(self, field: str, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidFieldError(field, f"{field} has ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
 
     def encode(self, text: str) -> list[int]:
         with self._lock:

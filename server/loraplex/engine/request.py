@@ -193,6 +193,22 @@ class Request:
     def finished(self) -> bool:
         return self.status.finished
 
+    def append_token(self, token: int, now: float, max_seq_len: int) -> tuple[str, RequestStatus | None]:
+        """Take a sampled token: (the text it completes, the finished status it ends the request
+        with or None). A stop or EOS token ends it STOPPED and adds no text; a stop string, too
+        (the detokenizer holds text back until it is sure); max_new_tokens or the engine's
+        longest sequence end it LENGTH."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.output_token_ids.append(token)
+        stop_token = token in self.params.stop_token_ids or token in self.eos_token_ids
+        text = self.detokenizer.add(token, skip=stop_token)
+        if stop_token or self.detokenizer.stopped:
+            return text, RequestStatus.FINISHED_STOPPED
+        if len(self.output_token_ids) >= self.params.max_new_tokens or self.num_tokens >= max_seq_len:
+            return text, RequestStatus.FINISHED_LENGTH
+        return text, None
+
     def usage(self) -> Usage:
         start = self.scheduled_time or time.monotonic()
         return Usage(

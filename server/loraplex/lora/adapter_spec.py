@@ -22,8 +22,8 @@ source's own identity (object ETags) stands in for the bytes it has not read yet
 
 An adapter trained with its own chat template brings it: `chat_template.jinja`, or
 `chat_template` in its `tokenizer_config.json` (as transformers saves them), in its directory
-or under its S3 prefix. It is read with the spec, so it is fixed per version; the engine
-applies it (else the base's) to chat messages.
+or under its S3 prefix (adapter_chat_template.py). It is read with the spec, so it is fixed
+per version; the engine applies it (else the base's) to chat messages.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from loraplex.lora.adapter_chat_template import read_chat_template
 from loraplex.lora.adapter_errors import AdapterError, AdapterReadError
 from loraplex.lora.safetensors_header import read_header
 
@@ -45,9 +46,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an adapter directory serves, in content-hash order
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 MAX_CONFIG_BYTES = 1 << 20
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-MAX_TOKENIZER_CONFIG_BYTES = 64 << 20  # added-token tables make these large
 
 # Config fields that change the forward pass in ways a plain grouped LoRA cannot reproduce,
 # with the value that means "off".
@@ -151,44 +149,6 @@ def parse_config(where: str, raw: bytes) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterError(f"{where}: {CONFIG_FILE} must hold a JSON object")
     return config
-
-
-def read_chat_template(path: Path, where: str) -> str | None:
-    """An adapter directory's own chat template (parse_chat_template says which file wins);
-    `where` names the adapter in messages."""
-    jinja = path / CHAT_TEMPLATE_FILE
-    if jinja.is_file():
-        if jinja.stat().st_size > MAX_CONFIG_BYTES:
-            raise AdapterError(f"{where}: {CHAT_TEMPLATE_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
-        return parse_chat_template(where, jinja.read_bytes(), None)
-    config_path = path / TOKENIZER_CONFIG_FILE
-    if not config_path.is_file():
-        return None
-    if config_path.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
-        raise AdapterError(f"{where}: {TOKENIZER_CONFIG_FILE} is larger than {MAX_TOKENIZER_CONFIG_BYTES} bytes")
-    return parse_chat_template(where, None, config_path.read_bytes())
-
-
-def parse_chat_template(where: str, jinja: bytes | None, tokenizer_config: bytes | None) -> str | None:
-    """The chat template an adapter brings: chat_template.jinja, else tokenizer_config.json's
-    `chat_template` (a string, or transformers' list of named templates: the one named "default")."""
-    if jinja is not None:
-        try:
-            return jinja.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise AdapterError(f"{where}: {CHAT_TEMPLATE_FILE} is not UTF-8: {e}") from None
-    if tokenizer_config is None:
-        return None
-    try:
-        config = json.loads(tokenizer_config.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{where}: {TOKENIZER_CONFIG_FILE} is not valid JSON: {e}") from None
-    template = config.get("chat_template") if isinstance(config, dict) else None
-    if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
-    if template is not None and not isinstance(template, str):
-        raise AdapterError(f"{where}: {TOKENIZER_CONFIG_FILE}: chat_template must be a string")
-    return template or None
 
 
 def content_hash(files: Iterable[Iterable[bytes]]) -> str:

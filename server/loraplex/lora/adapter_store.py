@@ -32,19 +32,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraplex.lora import s3_source
 from loraplex.lora.adapter_loader import AdapterLoader
-from loraplex.lora.adapter_spec import AdapterError, AdapterReadError, AdapterSpec, BaseLayerInfo, read_spec
+from loraplex.lora.adapter_roots import AdapterRoots
+from loraplex.lora.adapter_spec import AdapterError, AdapterSpec, BaseLayerInfo
 from loraplex.lora.adapter_version import (
     AdapterInfo,
-    AdapterNotFoundError,
     AdapterVersion,
     StoreListener,
     StoreSnapshot,
     Tier,
-    display_path,
     not_registered,
-    resolve_adapter_path,
 )
 from loraplex.lora.device_slots import DeviceSlots
 from loraplex.lora.host_tier import HostTier
@@ -78,8 +75,8 @@ class AdapterStore:
         self.max_rank = max_rank
         self.host_budget = host_budget
         self.itemsize = itemsize
-        self.roots = tuple(Path(r).resolve() for r in adapter_roots if not s3_source.is_s3_uri(r))
-        self.s3_roots = tuple(s3_source.parse_s3_uri(r) for r in adapter_roots if s3_source.is_s3_uri(r))
+        self.sources = AdapterRoots(adapter_roots, layers, max_rank)
+        self.roots = self.sources.local
         self.auto_register = auto_register
         self.listener = listener
         self.on_ready = on_ready or (lambda: None)
@@ -100,7 +97,7 @@ class AdapterStore:
     def register(self, adapter_id: str, path: str | Path, *, pin: bool = False, relative_only: bool = False) -> AdapterVersion:
         """Register (or re-register) an adapter. Validates config and tensor shapes now."""
         check_adapter_id(adapter_id)
-        spec = self._read_spec(path, relative_only)
+        spec = self.sources.read_spec(path, relative_only)
         host_bytes = spec.host_bytes(self.layers, self.itemsize)
         if host_bytes > self.host_budget:
             raise AdapterError(
@@ -132,30 +129,6 @@ class AdapterStore:
             log.info("registered adapter %s v%d (%s, rank %d)", adapter_id, version.version, spec.location, spec.rank)
             return version
 
-    def _read_spec(self, path: str | Path, relative_only: bool) -> AdapterSpec:
-        """Check the adapter at `path`: a directory under a local root, or an s3:// location."""
-        location = self._s3_location(path, relative_only)
-        if location is None:
-            resolved = resolve_adapter_path(self.roots, path, relative_only=relative_only)
-            where = display_path(self.roots, resolved)
-            try:
-                return read_spec(resolved, self.layers, self.max_rank, where)
-            except OSError as e:  # an I/O error while hashing: the files are not refused, just unreadable now
-                raise AdapterReadError(f"{where}: cannot read the adapter files: {e.strerror or 'I/O error'}") from None
-        if not self.roots:
-            raise AdapterError(f"{location.uri}: s3:// adapters need a local adapter root for their download cache")
-        return s3_source.read_spec(location, self.layers, self.max_rank, self.roots[0] / s3_source.CACHE_DIR)
-
-    def _s3_location(self, path: str | Path, relative_only: bool) -> s3_source.S3Location | None:
-        def found_locally() -> bool:  # local roots come first
-            try:
-                resolve_adapter_path(self.roots, path, relative_only=relative_only)
-            except AdapterNotFoundError:
-                return False
-            return True
-
-        return s3_source.locate(path, self.s3_roots, found_locally if self.roots else lambda: False)
-
     def unregister(self, adapter_id: str) -> AdapterVersion:
         """Forget an id. Requests holding it keep their version until they end."""
         with self._lock:
@@ -175,13 +148,9 @@ class AdapterStore:
         if version is not None:
             return version
         if self.auto_register and adapter_id_problem(adapter_id) is None:
-            for root in self.roots:
-                candidate = root / adapter_id
-                if candidate.is_dir():
-                    return self.register(adapter_id, adapter_id, relative_only=True)
-            location = s3_source.find(adapter_id, self.s3_roots)
-            if location is not None:
-                return self.register(adapter_id, location.uri)
+            found = self.sources.find(adapter_id)
+            if found is not None:
+                return self.register(adapter_id, found[0], relative_only=found[1])
         raise not_registered(adapter_id)
 
     def _check_pin_room(self, exclude: AdapterVersion | None) -> None:

@@ -33,19 +33,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.lora.adapter_spec import (
+from loraplex.lora.adapter_chat_template import (
     CHAT_TEMPLATE_FILE,
-    CONFIG_FILE,
-    MAX_CONFIG_BYTES,
+    MAX_TEMPLATE_BYTES,
     MAX_TOKENIZER_CONFIG_BYTES,
     TOKENIZER_CONFIG_FILE,
+    parse_chat_template,
+)
+from loraplex.lora.adapter_spec import (
+    CONFIG_FILE,
+    MAX_CONFIG_BYTES,
     WEIGHTS_FILE,
     AdapterError,
     AdapterSpec,
     BaseLayerInfo,
     build_spec,
     content_hash,
-    parse_chat_template,
     parse_config,
 )
 from loraplex.lora.adapter_version import AdapterNotFoundError
@@ -226,7 +229,7 @@ def read_spec(location: S3Location, layers: Mapping[str, BaseLayerInfo], max_ran
 
 def _read_chat_template(location: S3Location) -> str | None:
     """The adapter's own chat template under its prefix, as a directory's (adapter_spec.parse_chat_template)."""
-    jinja = _get_optional(location, CHAT_TEMPLATE_FILE, MAX_CONFIG_BYTES)
+    jinja = _get_optional(location, CHAT_TEMPLATE_FILE, MAX_TEMPLATE_BYTES)
     config = None if jinja is not None else _get_optional(location, TOKENIZER_CONFIG_FILE, MAX_TOKENIZER_CONFIG_BYTES)
     return parse_chat_template(location.uri, jinja, config)
 
