@@ -11,8 +11,9 @@ runs its own base before its modes, after every two of them and at the end, and 
 ratio is taken over the mean of the two base runs that bracket it: a slow spell of the shared
 machine that lasts a minute or two hits a mode and its reference alike, and a drift across the
 round cancels. Each server's modes are compared with its own base, so the rank-64 / rank-16
-comparison is not one process's luck over another's; the server / engine ratio compares the
-engine's base run with the server's first base run, right after it. The table gives medians
+comparison is not one process's luck over another's. The in-process engine runs its base just
+before the rank-64 server's first base run and again just after its last: the server / engine
+ratio is the mean of the two adjacent pairs. The table gives medians
 over rounds. Before each timed run, one short request per adapter of the mode puts its
 adapters in device slots (loads are not what is measured). The warm-up round runs every
 (server, mode) with a quarter of the new tokens.
@@ -102,6 +103,14 @@ def engine_base(engine: Engine, args: argparse.Namespace, vocab: int, seed: int,
     return stats.throughput, stats.median_decode_step_ms / 1e3, (cpu_seconds() - cpu) / stats.total_tokens
 
 
+def engine_round(engine: Engine, args: argparse.Namespace, vocab: int, seed: int, new_tokens: int, label: str) -> tuple[float, float, float]:
+    """engine_base, printed: (tokens/s, CPU s per token, median decode step s)."""
+    rate, step, per_token = engine_base(engine, args, vocab, seed, new_tokens)
+    print(f"  {label} [engine   base         ] {rate:7.1f} tok/s, {per_token * 1e3:6.2f} CPU ms/token, decode step "
+          f"{step * 1e3:.1f} ms", flush=True)
+    return rate, per_token, step
+
+
 def bracketed(modes: list[str]) -> list[str]:
     """A server's runs in a round: base, then two modes and base again, to the end."""
     order = ["base"]
@@ -121,18 +130,20 @@ class Measured:
     base_step: list[float] = field(default_factory=list)
     bandwidths: list[float] = field(default_factory=list)
 
-    def add_round(self, sequences: dict[str, list[tuple[str, float, float]]], engine: tuple[float, float], step: float,
-                  bandwidth: float) -> None:
-        """sequences: per server, (mode, tok/s, CPU s per token) in the order run; engine: its base (tok/s, CPU)."""
+    def add_round(self, sequences: dict[str, list[tuple[str, float, float]]], engine: list[tuple[float, float]],
+                  step: float, bandwidth: float) -> None:
+        """sequences: per server, (mode, tok/s, CPU s per token) in the order run; engine: its two base runs
+        (tok/s, CPU s per token), just before the rank-64 server's first base run and just after its last."""
         self.base_step.append(step)
         self.bandwidths.append(bandwidth)
-        self.tps[("engine", "base")].append(engine[0])
-        self.cpu[("engine", "base")].append(engine[1])
+        self.tps[("engine", "base")].append(statistics.fmean(e[0] for e in engine))
+        self.cpu[("engine", "base")].append(statistics.fmean(e[1] for e in engine))
         for server, seq in sequences.items():
             bases = [i for i, (mode, _, _) in enumerate(seq) if mode == "base"]
-            first = seq[bases[0]]
-            self.vs_base[(server, "engine")].append(first[1] / engine[0])  # the server's first base run / the engine's, just before it
-            self.cost_vs_base[(server, "engine")].append(engine[1] / first[2])
+            if server == "r64":  # each engine run with the server base run next to it
+                pairs = list(zip((seq[bases[0]], seq[bases[-1]]), engine))
+                self.vs_base[(server, "engine")].append(statistics.fmean(s[1] / e[0] for s, e in pairs))
+                self.cost_vs_base[(server, "engine")].append(statistics.fmean(e[1] / s[2] for s, e in pairs))
             self.tps[(server, "base")].append(statistics.fmean(seq[i][1] for i in bases))
             self.cpu[(server, "base")].append(statistics.fmean(seq[i][2] for i in bases))
             for i, (mode, rate, per_token) in enumerate(seq):
@@ -197,9 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             seed = 100 + rnd
             new_tokens = args.new_tokens if timed else max(4, args.new_tokens // 4)
             bandwidth = memory_bandwidth()
-            rate, step, per_token = engine_base(engine, args, shape.vocab_size, seed, new_tokens)
-            print(f"  round {rnd} [engine   base         ] {rate:7.1f} tok/s, {per_token * 1e3:6.2f} CPU ms/token, decode step "
-                  f"{step * 1e3:.1f} ms; memory bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+            # before the rank-64 server's first base run, and again after its last
+            engine_runs = [engine_round(engine, args, shape.vocab_size, seed, new_tokens, f"round {rnd}")]
             sequences: dict[str, list[tuple[str, float, float]]] = {}
             for server, seq in order.items():
                 sequences[server] = []
@@ -213,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                     sequences[server].append((mode, result.tokens_per_s, cpu_per_token))
                     print(f"  round {rnd} [{server:8s} {mode:13s}] {result.tokens_per_s:7.1f} tok/s, "
                           f"{cpu_per_token * 1e3:6.2f} CPU ms/token", flush=True)
+                if server == "r64":
+                    engine_runs.append(engine_round(engine, args, shape.vocab_size, seed, new_tokens, f"round {rnd}"))
+            print(f"  round {rnd} memory bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
             if timed:
-                m.add_round(sequences, (rate, per_token), step, bandwidth)
+                m.add_round(sequences, [(r, c) for r, c, _ in engine_runs], statistics.fmean(s for _, _, s in engine_runs), bandwidth)
     finally:
         for s in servers.values():
             s.stop()
