@@ -101,7 +101,6 @@ class StateCollector(Collector):
         moves.add_metric([], snap.counters.get(("device", "moves"), 0))
         yield moves
 
-
     def _tenants(self, loads: Mapping[str, TenantLoad]) -> Iterator[Metric]:
         """Per tenant label (configured names; everyone else summed as one): the scheduler's view."""
         running = GaugeMetricFamily("loraplex_tenant_requests_running", "Requests in the running batch, by tenant", labels=["tenant"])
