@@ -76,13 +76,12 @@ class LoraLinear(nn.Module):
         batch = context.batch
         if batch.segments:
             # x: [1, T, d_in] packed tokens; y: [1, T, d_out]
-            y2, x2 = y.view(-1, self.out_features), x.view(-1, self.in_features)
             if self.group is not None:
-                v = self.group.shrunk(self, x, x2, batch)
+                v = self.group.shrunk(self, x, batch)
             else:
-                v = context.backend.shrink(x2, self, batch)
+                v = context.backend.shrink(x.view(-1, self.in_features), self, batch)
             if v is not None:  # some adapter of the step targets this layer
-                context.backend.expand(y2, v, self, batch)
+                context.backend.expand(y.view(-1, self.out_features), v, self, batch)
         return y
 
 
@@ -107,11 +106,11 @@ class ProjectionGroup:
         self._input: torch.Tensor | None = None  # the input the cached shrink was computed for
         self._v: list[Any] = []
 
-    def shrunk(self, layer: LoraLinear, x: torch.Tensor, x2: torch.Tensor, batch: LoraBatch) -> Any:
-        """This sibling's shrink result (None: no adapter of the step targets it)."""
+    def shrunk(self, layer: LoraLinear, x: torch.Tensor, batch: LoraBatch) -> Any:
+        """This sibling's shrink result (None: no adapter of the step targets it). x: [1, T, d_in]."""
         if self._input is not x:  # the first sibling to run this step
             self._input = x
-            self._v = layer.context.backend.shrink_multi(x2, self.pool, self.layers, batch)
+            self._v = layer.context.backend.shrink_multi(x.view(-1, layer.in_features), self.pool, self.layers, batch)
         return self._v[layer.group_index]
 
     def reset(self) -> None:

@@ -2,7 +2,10 @@
 
 The op and the interface are in lora_backend.py. Every matmul reads an adapter's A and Bᵀ
 through rank-trimmed views of the pool (A[slot, :rank]), so a rank-8 adapter costs rank 8
-whatever `--max-lora-rank` is. The step's segments are grouped into *bands*, once per step
+whatever `--max-lora-rank` is. The views are made once per (pool, band) and kept (`_weight`),
+and a band that covers every token of the step reads x and y as they are: between the base's
+NF4 matmuls, each torch call of the LoRA path starts with cold caches, so a view costs a
+good part of what the small matmul it feeds costs (benchmarks/step_cost.py). The step's segments are grouped into *bands*, once per step
 (in `prepare`), and each band is one GEMM:
 
     band = segments of adjacent slots (s, s+1, ...), L tokens each
@@ -60,6 +63,9 @@ BAND_COST_ROWS = 128
 PAD_TOKENS_PER_ROW = 4
 # Segments a band may span in the planner's search (bounds its quadratic cost per step).
 MAX_BAND_SEGMENTS = 64
+# Weight views kept across steps (TorchLora._weight); past this the cache starts again.
+MAX_CACHED_VIEWS = 65536
+A_T, B_T, AP_T = 0, 1, 2  # the kinds of weight view: Aᵀ, Bᵀ, Aᵀ of P siblings
 
 
 @dataclass(slots=True)
@@ -161,6 +167,8 @@ class TorchLora:
         self.dtype = dtype
         self.device = device
         self.dense_max_token_slots = dense_max_token_slots
+        # (id(pool), slot, count, rank, kind) -> (pool, the band's weight view): see _weight.
+        self._weights: dict[tuple[int, int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare(self, token_runs: list[tuple[int, int]], slot_ranks: list[int], max_rank: int, num_tokens: int) -> TorchBatch:
         segments = token_segments(token_runs, slot_ranks, num_tokens)
@@ -180,6 +188,32 @@ class TorchLora:
             batch.bands[mask] = bands
         return bands
 
+    def _weight(self, pool: torch.Tensor, b: Band, kind: int) -> torch.Tensor:
+        """The band's weights as its matmul reads them: a view of the pool, made once and kept.
+        A decode step reuses the last step's bands, and making the views cost as much as the
+        small matmuls they feed. The pools are written in place, never reallocated, so a view
+        stays true; the pool is kept beside it so that its id is not reused.
+
+            A_T:  pool [slots, r_max, d_in]    -> Aᵀ [d_in, r] (count 1) or [count, d_in, r]
+            B_T:  pool [slots, r_max, d_out]   -> Bᵀ [r, d_out] (count 1) or [count, r, d_out]
+            AP_T: pool [slots, P, r_max, d_in] -> Aᵀ of P siblings [count·P, d_in, r]
+        """
+        key = (id(pool), b.slot, b.count, b.rank, kind)
+        hit = self._weights.get(key)
+        if hit is not None:
+            return hit[1]
+        if len(self._weights) >= MAX_CACHED_VIEWS:
+            self._weights.clear()
+        s, n, r = b.slot, b.count, b.rank
+        if kind == AP_T:
+            view = pool[s : s + n, :, :r].reshape(n * pool.shape[1], r, -1).transpose(1, 2)
+        else:
+            view = pool[s : s + n, :r] if n > 1 else pool[s, :r]
+            if kind == A_T:
+                view = view.transpose(-1, -2)
+        self._weights[key] = (pool, view)
+        return view
+
     def shrink(self, x: torch.Tensor, layer: LayerPool, batch: TorchBatch) -> TorchShrunk | None:
         bands = self._bands(layer, batch)
         if not bands:
@@ -187,46 +221,59 @@ class TorchLora:
         a = layer.lora_a  # [slots, r_max, d_in]
         out = []
         for b in bands:
+            w = self._weight(a, b, A_T)
             if b.count == 1:
-                out.append(torch.mm(x[b.start : b.end], a[b.slot, : b.rank].t()).unsqueeze(0))  # [1, L, r]
+                out.append(torch.mm(_rows(x, b), w))  # [L, r]
             else:
-                out.append(torch.bmm(_band_x(x, b), a[b.slot : b.slot + b.count, : b.rank].transpose(1, 2)))
+                out.append(torch.bmm(_band_x(x, b), w))  # [n, L, r]
         return bands, out
 
     def shrink_multi(
         self, x: torch.Tensor, pool: torch.Tensor, layers: Sequence[LayerPool], batch: TorchBatch
     ) -> list[TorchShrunk | None]:
         # Fusing pays only when every adapter of the step targets every sibling (else it reads zeros).
-        if any(batch.slots & m.targets != batch.slots for m in layers):
+        slots = batch.slots
+        if any(slots & m.targets != slots for m in layers):
             return [self.shrink(x, m, batch) for m in layers]
         bands = self._bands(layers[0], batch)
         num_proj = len(layers)
         per_proj: list[list[torch.Tensor]] = [[] for _ in layers]
         for b in bands:
-            n, r = b.count, b.rank
-            xs = _band_x(x, b).view(n, 1, b.length, -1).expand(n, num_proj, b.length, x.shape[1])
-            w = pool[b.slot : b.slot + n, :, :r].reshape(n * num_proj, r, -1)  # a view: [n*P, r, d_in]
-            v = torch.bmm(xs.reshape(n * num_proj, b.length, -1), w.transpose(1, 2)).view(n, num_proj, b.length, r)
+            w = self._weight(pool, b, AP_T)  # [n*P, d_in, r]
+            if b.count == 1:  # [P, L, d_in] (a view) @ w -> one [L, r] per sibling
+                vs = torch.bmm(_rows(x, b).expand(num_proj, b.length, x.shape[1]), w).unbind(0)
+            else:  # each slot's tokens once per sibling: [n*P, L, d_in] @ w -> one [n, L, r] per sibling
+                xs = _band_x(x, b).repeat_interleave(num_proj, dim=0)
+                vs = torch.bmm(xs, w).view(b.count, num_proj, b.length, -1).unbind(1)
             for p in range(num_proj):
-                per_proj[p].append(v[:, p])  # [n, L, r]
+                per_proj[p].append(vs[p])
         return [(bands, vs) for vs in per_proj]
 
     def expand(self, y: torch.Tensor, v: TorchShrunk, layer: LayerPool, batch: TorchBatch) -> None:
         bands, vs = v
         lora_b = layer.lora_b  # [slots, r_max, d_out]
         for b, vb in zip(bands, vs):
-            ys = y[b.start : b.end]  # [n * L, d_out]
+            w = self._weight(lora_b, b, B_T)
+            ys = _rows(y, b)  # [n * L, d_out]
             if b.count == 1:
-                ys.addmm_(vb[0], lora_b[b.slot, : b.rank])
+                ys.addmm_(vb, w)
             elif b.lengths is None:
-                ys.view(b.count, b.length, -1).baddbmm_(vb, lora_b[b.slot : b.slot + b.count, : b.rank])
+                ys.view(b.count, b.length, -1).baddbmm_(vb, w)
             else:  # ragged: the padded positions' rows are computed and dropped
-                out = torch.bmm(vb, lora_b[b.slot : b.slot + b.count, : b.rank]).view(-1, ys.shape[1])
+                out = torch.bmm(vb, w).view(-1, ys.shape[1])
                 ys.add_(out.index_select(0, b.index(y.device)[1]))
+
+
+def _rows(t: torch.Tensor, b: Band) -> torch.Tensor:
+    """The band's rows of a [T, d] tensor: t itself when the band covers every token (a decode
+    step of one adapter, or of adjacent slots), else a slice."""
+    if b.start == 0 and b.end == t.shape[0]:
+        return t
+    return t[b.start : b.end]
 
 
 def _band_x(x: torch.Tensor, b: Band) -> torch.Tensor:
     """The band's tokens as [count, length, d_in]: a view, or gathered and padded when ragged."""
     if b.lengths is None:
-        return x[b.start : b.end].view(b.count, b.length, -1)
+        return _rows(x, b).view(b.count, b.length, -1)
     return x.index_select(0, b.index(x.device)[0]).view(b.count, b.length, -1)
