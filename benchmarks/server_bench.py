@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness, report
-from benchmarks.models import CACHE, CPU_BENCH, TINY, adapter_bytes, make_adapter_set, make_model
+from benchmarks.models import CACHE, CPU_BENCH, TINY, ModelShape, adapter_bytes, make_adapter_set, make_model
 from benchmarks.serving import Request, ServerProcess, cpu_seconds, memory_bandwidth, stream_load
 from benchmarks.workload import WorkItem
 from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
@@ -65,6 +65,26 @@ OWN_RANK_GOAL = 0.95  # at --max-lora-rank 64 / at the adapters' own max rank
 # round: a step's LoRA time per adapter byte as in distinct (one rank, one band)
 HETERO_GOAL = 0.95
 SERVER_GOAL = 0.95  # server base / in-process engine base
+
+
+@dataclass(frozen=True)
+class BenchSet:
+    """The model and the modes' adapters, built on first use (bench model, or tiny with --quick)."""
+
+    shape: ModelShape
+    model_path: str
+    root: Path  # the adapter root of both sets
+    uniform: list[str]  # `streams` adapters of rank `rank`
+    hetero: list[str]  # `streams` adapters of the ranks in `ranks`
+    ranks: list[int]
+
+    @classmethod
+    def build(cls, quick: bool, streams: int, rank: int) -> BenchSet:
+        shape = TINY if quick else CPU_BENCH
+        ranks = [HETERO_RANKS[i % len(HETERO_RANKS)] for i in range(streams)]
+        root, uniform = make_adapter_set(shape, "uniform", [rank] * streams)
+        _, hetero = make_adapter_set(shape, "hetero", ranks)
+        return cls(shape, str(make_model(shape)), root, uniform, hetero, ranks)
 
 
 def mode_adapters(mode: str, uniform: list[str], hetero: list[str], streams: int) -> list[str]:
@@ -175,11 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.requests, args.new_tokens, args.prompt_len = 1, 1, 8, 8
     if args.results is None:
         args.results = CACHE / "results" if args.quick else report.RESULTS
-    shape = TINY if args.quick else CPU_BENCH
-    model_path = str(make_model(shape))
-    ranks = [HETERO_RANKS[i % len(HETERO_RANKS)] for i in range(args.streams)]
-    root, uniform = make_adapter_set(shape, "uniform", [args.rank] * args.streams)
-    _, hetero = make_adapter_set(shape, "hetero", ranks)
+    bench = BenchSet.build(args.quick, args.streams, args.rank)
+    shape, model_path, root, uniform, hetero, ranks = (
+        bench.shape, bench.model_path, bench.root, bench.uniform, bench.hetero, bench.ranks)
     common = ["--model", model_path, "--adapter-root", str(root), "--max-loras", str(args.streams),
               "--max-num-seqs", str(args.streams), "--cpu-nf4-kernel", args.cpu_nf4_kernel, "--log-level", "info"]
     own_rank = args.rank  # the uniform adapters' own max rank; the heterogeneous ones' is max(ranks)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.step_cost [--rounds 3] [--pairs 20]
     python -m benchmarks.step_cost --quick        # tiny model, one round: a smoke run
+    python -m benchmarks.step_cost --cold         # small torch calls back to back vs after a 64 MB read
 
 The in-process engine (bench model d=1024 × 8 layers NF4, `--max-lora-rank 64`) decodes 16
 requests of one mode (identical / uniform / distinct / heterogeneous, as in server_bench), and
@@ -33,9 +34,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks import report
-from benchmarks.models import CACHE, CPU_BENCH, TINY, adapter_bytes, make_adapter_set, make_model
-from benchmarks.server_bench import HETERO_RANKS, mode_adapters
+from benchmarks.models import CACHE, adapter_bytes
+from benchmarks.server_bench import BenchSet, mode_adapters
 from benchmarks.serving import memory_bandwidth
 from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.engine import Engine
@@ -106,8 +109,36 @@ def run_mode(engine: Engine, switch: Switch, adapters: list[str], streams: int, 
     return steps
 
 
+def cold_calls(trials: int = 100) -> list[dict[str, Any]]:
+    """Microseconds of small torch calls back to back and right after a 64 MB read (the state a
+    LoRA call finds between the base's matmuls): median over `trials`."""
+    flush = torch.ones(16 * 2**20)
+    x, a, small, y16 = torch.randn(16, 1024), torch.randn(16, 1024), torch.randn(16, 16), torch.randn(4096)
+    calls = {
+        "16x16 matmul": lambda: torch.mm(small, small),
+        "[16, 1024] @ [1024, 16] matmul": lambda: torch.mm(x, a.t()),
+        "sum of 16 KB": lambda: y16.sum(),
+    }
+    rows = []
+    for name, call in calls.items():
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(trials):
+            for cold in (False, True):
+                if cold:
+                    flush.sum()
+                else:
+                    call()
+                start = time.perf_counter()
+                call()
+                times[cold].append(time.perf_counter() - start)
+        rows.append({"call": name, "back to back us": round(statistics.median(times[False]) * 1e6, 1),
+                     "after a 64 MB read us": round(statistics.median(times[True]) * 1e6, 1)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cold", action="store_true", help="only time small torch calls warm and after a 64 MB read")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 round, few pairs: a smoke run")
     p.add_argument("--rounds", type=int, default=3, help="rounds of every mode, after a warm-up round")
     p.add_argument("--pairs", type=int, default=20, help="steps with LoRA per mode and round")
@@ -119,20 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="step_cost")
     p.add_argument("--results", type=Path, default=None, help="default: benchmarks/results (.cache/bench/results with --quick)")
     args = p.parse_args(argv)
+    if args.cold:
+        report.write(f"{args.name}_cold", "Small torch calls, back to back and after a 64 MB read", cold_calls(),
+                     ["call", "back to back us", "after a 64 MB read us"], {},
+                     notes="median of 100; command: python -m benchmarks.step_cost --cold",
+                     results=args.results or report.RESULTS)
+        return 0
     if args.quick:
         args.rounds, args.pairs, args.prompt_len = 1, 3, 8
     if args.results is None:
         args.results = CACHE / "results" if args.quick else report.RESULTS
-    shape = TINY if args.quick else CPU_BENCH
-    model_path = str(make_model(shape))
-    ranks = [HETERO_RANKS[i % len(HETERO_RANKS)] for i in range(args.streams)]
-    root, uniform = make_adapter_set(shape, "uniform", [args.rank] * args.streams)
-    _, hetero = make_adapter_set(shape, "hetero", ranks)
+    bench = BenchSet.build(args.quick, args.streams, args.rank)
+    shape, uniform, hetero, ranks = bench.shape, bench.uniform, bench.hetero, bench.ranks
     engine = Engine(EngineConfig(
-        model=ModelConfig(model_path, cpu_nf4_kernel=args.cpu_nf4_kernel),
+        model=ModelConfig(bench.model_path, cpu_nf4_kernel=args.cpu_nf4_kernel),
         cache=CacheConfig(num_blocks=max(256, args.streams * (args.prompt_len + 2 * args.pairs + 16) // 16 + 2 * args.streams)),
         scheduler=SchedulerConfig(max_num_seqs=args.streams),
-        lora=LoraConfig(max_loras=args.streams, max_lora_rank=args.max_lora_rank, adapter_roots=(str(root),)),
+        lora=LoraConfig(max_loras=args.streams, max_lora_rank=args.max_lora_rank, adapter_roots=(str(bench.root),)),
     ))
     try:
         for adapter in uniform + hetero:
