@@ -5,8 +5,8 @@ through rank-trimmed views of the pool (A[slot, :rank]), so a rank-8 adapter cos
 whatever `--max-lora-rank` is. The views are made once per (pool, band) and kept (`_weight`),
 and a band that covers every token of the step reads x and y as they are: between the base's
 NF4 matmuls, each torch call of the LoRA path starts with cold caches, so a view costs a
-good part of what the small matmul it feeds costs (benchmarks/step_cost.py). The step's segments are grouped into *bands*, once per step
-(in `prepare`), and each band is one GEMM:
+good part of what the small matmul it feeds costs (benchmarks/step_cost.py). The step's
+segments are grouped into *bands*, once per step (in `prepare`), and each band is one GEMM:
 
     band = segments of adjacent slots (s, s+1, ...), L tokens each
     shrink  v[n, L, r] = x[band].view(n, L, d_in) @ A[s:s+n, :r]ᵀ        (bmm; mm when n = 1)
